@@ -1,0 +1,140 @@
+"""PGD under L-inf and L2 (Madry et al. 2018), the attack every stage trains and evaluates with.
+
+Written by hand because the training loop needs things no library attack offers together: a private
+random stream (the training loop's RNG is left untouched, so runs resume bit-identically), the
+TRADES KL objective, and returning the model to the mode it was in. tests/test_attacks.py checks it
+against torchattacks' PGD.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("linf", "l2")
+ATTACK_LOSSES = ("ce", "cw", "kl")
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """Settings of one PGD attack. epsilon and step_size are in [0, 1] pixel units."""
+    norm: str = "linf"
+    epsilon: float = 8 / 255
+    step_size: float = 2 / 255
+    num_steps: int = 10
+    loss: str = "ce"            # ce: cross-entropy; cw: CW margin; kl: TRADES' KL to the clean prediction
+    random_start: str = "uniform"  # uniform: uniform in the ball; normal: 0.001 * N(0, 1) (TRADES); none
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.loss not in ATTACK_LOSSES:
+            raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {ATTACK_LOSSES}")
+        if self.random_start not in ("uniform", "normal", "none"):
+            raise ValueError(f"unknown random start {self.random_start!r}")
+        if not self.epsilon > 0 or not self.step_size > 0 or self.num_steps < 1:
+            raise ValueError("PGD needs epsilon > 0, step_size > 0 and num_steps >= 1")
+
+
+@contextmanager
+def frozen_eval(model):
+    """Eval mode with no parameter gradients for the duration; the model's mode and flags are restored."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _per_example_norm(t, norm):
+    flat = t.flatten(1)
+    norms = flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
+    return norms.view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta, norm, epsilon):
+    """Project each perturbation of the batch onto the epsilon ball of the given norm."""
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    scale = (epsilon / _per_example_norm(delta, "l2").clamp_min(_TINY)).clamp(max=1.0)
+    return delta * scale
+
+
+def random_start(x, config, generator):
+    """The initial perturbation: uniform in the ball, small Gaussian (TRADES), or zero."""
+    if config.random_start == "none":
+        return torch.zeros_like(x)
+    if config.random_start == "normal":
+        return 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if config.norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * u - 1) * config.epsilon
+    # Uniform in the L2 ball: a uniform direction times a radius with density ~ r^(d-1).
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = direction / _per_example_norm(direction, "l2").clamp_min(_TINY)
+    d = x[0].numel()
+    u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+    return direction * config.epsilon * u.pow(1.0 / d)
+
+
+def cw_margin(logits, y):
+    """Per-example CW margin max_{j != y} z_j - z_y (positive when misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def attack_objective(logits, y, loss, clean_probs=None):
+    """The summed quantity that PGD ascends (a sum keeps per-example gradients independent of the batch size)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    if loss == "cw":
+        return cw_margin(logits, y).sum()
+    return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction="sum")
+
+
+def _ascent_step(grad, norm, step_size):
+    if norm == "linf":
+        return step_size * grad.sign()
+    return step_size * grad / _per_example_norm(grad, "l2").clamp_min(_TINY)
+
+
+def pgd_attack(model, x, y, config: PGDConfig, generator=None):
+    """Adversarial examples for (x, y) within config's ball around x and inside [0, 1].
+
+    The model runs in eval mode with parameter gradients off (both restored afterwards), the random
+    start comes from `generator` (a torch.Generator on x's device; a fresh nondeterministically
+    seeded one when None), never from the global RNG, and the result is detached.
+    """
+    if generator is None:
+        generator = torch.Generator(device=x.device)
+        generator.seed()
+    x = x.detach()
+    with frozen_eval(model):
+        clean_probs = None
+        if config.loss == "kl":
+            with torch.no_grad():
+                clean_probs = F.softmax(model(x), dim=1)
+        delta = project(random_start(x, config, generator), config.norm, config.epsilon)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+        for _ in range(config.num_steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                objective = attack_objective(model(x + delta), y, config.loss, clean_probs)
+                grad, = torch.autograd.grad(objective, delta)
+            delta = delta.detach() + _ascent_step(grad, config.norm, config.step_size)
+            delta = project(delta, config.norm, config.epsilon)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def perturbation_norms(x_adv, x, norm):
+    """Per-example norm of x_adv - x (for budget checks)."""
+    return _per_example_norm(x_adv - x, norm).flatten()

@@ -1,0 +1,67 @@
+"""The base adversarial-training objectives: Standard AT (Madry), TRADES and MART.
+
+Each objective is an attack (how x~ is crafted during training) plus a loss computed from the
+logits h(x) and h(x~), so that NAMID (stage 3) can reuse the same two forward passes for its MI terms.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from utils.attacks import PGDConfig
+
+BASE_LOSSES = ("at", "trades", "mart")
+_LOG_EPS = 1e-12
+
+
+def standard_at_loss(logits_nat, logits_adv, y, beta=None):
+    """Madry et al.: cross-entropy on the adversarial examples (logits_nat is unused)."""
+    return F.cross_entropy(logits_adv, y)
+
+
+def trades_loss(logits_nat, logits_adv, y, beta=6.0):
+    """Zhang et al. 2019: CE(h(x), y) + beta * KL(p(x) || p(x~)), the KL averaged over the batch."""
+    natural = F.cross_entropy(logits_nat, y)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
+    return natural + beta * robust
+
+
+def mart_loss(logits_nat, logits_adv, y, beta=6.0):
+    """Wang et al. 2020: boosted CE on x~ + beta * KL(p(x) || p(x~)) weighted by (1 - p_y(x)).
+
+    Boosted CE = CE(h(x~), y) - log(1 - max_{j != y} p_j(x~)); the constants 1.0001 and 1.0000001
+    are those of the MART reference code.
+    """
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = adv_probs.argsort(dim=1)[:, -2:]
+    hardest_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + _LOG_EPS), hardest_wrong)
+    nat_probs = F.softmax(logits_nat, dim=1)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl_per_example = F.kl_div(torch.log(adv_probs + _LOG_EPS), nat_probs, reduction="none").sum(dim=1)
+    return boosted_ce + beta * (kl_per_example * (1.0000001 - true_probs)).mean()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One base training objective: its loss function and how its training attack differs from PGD-CE."""
+    name: str
+    loss_fn: callable
+    attack_loss: str          # the loss the training attack ascends
+    random_start: str         # the training attack's initialisation
+    needs_clean_logits: bool  # whether the loss uses h(x) (with gradient) as well as h(x~)
+
+    def training_attack(self, base: PGDConfig) -> PGDConfig:
+        return replace(base, loss=self.attack_loss, random_start=self.random_start)
+
+    def loss(self, logits_nat, logits_adv, y, beta):
+        return self.loss_fn(logits_nat, logits_adv, y, beta)
+
+
+OBJECTIVES = {
+    "at": Objective("at", standard_at_loss, "ce", "uniform", needs_clean_logits=False),
+    # TRADES crafts x~ by maximising the KL to the clean prediction from a small Gaussian start.
+    "trades": Objective("trades", trades_loss, "kl", "normal", needs_clean_logits=True),
+    # MART's reference code also starts its CE attack from a small Gaussian.
+    "mart": Objective("mart", mart_loss, "ce", "normal", needs_clean_logits=True),
+}
