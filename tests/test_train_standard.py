@@ -1,0 +1,192 @@
+"""train_standard.py end to end: outputs, resume equality, kill-and-resume, and bad input."""
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train_standard
+from tests.conftest import REPO
+from utils import losses
+from utils.training import NonFiniteLoss
+
+SMALL_RUN = ["--dataset", "fashion-mnist", "--train-limit", "300", "--val-size", "100", "--test-limit", "100",
+             "--batch-size", "50", "--num-steps", "2", "--eval-steps", "2", "--warmup-epochs", "0",
+             "--eps-ramp-epochs", "0", "--lr", "0.05", "--device", "cpu"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc",
+                  "test_clean_acc", "test_pgd_acc", "seconds"]
+
+
+def small_args(fmnist_dir, model_dir, *extra):
+    return SMALL_RUN + ["--data-dir", str(fmnist_dir), "--model-dir", str(model_dir), *extra]
+
+
+def run_script(args, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / "train_standard.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(model_dir):
+    with open(model_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_end_to_end_writes_every_output(fmnist_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    assert train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "2", "--loss", "trades")) == 0
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["stage"] == "standard" and config["args"]["loss"] == "trades" and config["args"]["epochs"] == 2
+    assert config["args"]["arch"] == "small-cnn" and config["args"]["epsilon"] == pytest.approx(0.1)
+    assert config["args"]["step_size"] == pytest.approx(0.025)
+    assert "torch" in config["versions"] and config["git_commit"] and config["command"].startswith("train_standard.py")
+    assert config["train_attack"]["loss"] == "kl"
+
+    rows = read_metrics(model_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == METRIC_COLUMNS
+    for row in rows:
+        for key in METRIC_COLUMNS[3:9]:
+            assert 0.0 <= float(row[key]) <= 1.0, (key, row[key])
+        assert float(row["test_pgd_acc"]) <= float(row["test_clean_acc"])
+        assert float(row["seconds"]) > 0
+
+    last = torch.load(model_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and len(last["history"]) == 2 and last["model_spec"]["arch"] == "small-cnn"
+    assert set(last) >= {"model", "optimizer", "scheduler", "rng", "best", "config"}
+    best = torch.load(model_dir / "best.pt", weights_only=True)
+    best_epoch = max(rows, key=lambda r: float(r["val_pgd_acc"]))["epoch"]
+    assert best["epoch"] == int(best_epoch) == last["best"]["epoch"]
+    assert "optimizer" not in best
+
+
+def test_resume_is_bit_identical(fmnist_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_standard.main(small_args(fmnist_dir, straight, "--epochs", "2"))
+    train_standard.main(small_args(fmnist_dir, resumed, "--epochs", "1"))
+    train_standard.main(small_args(fmnist_dir, resumed, "--epochs", "2", "--resume"))
+    a, b = weights(straight / "last.pt"), weights(resumed / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+
+
+def test_sigkill_then_resume_finishes_the_run(fmnist_dir, tmp_path):
+    model_dir = tmp_path / "killed"
+    args = small_args(fmnist_dir, model_dir, "--epochs", "3")
+    process = subprocess.Popen([sys.executable, str(REPO / "train_standard.py"), *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (model_dir / "metrics.csv").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere inside epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (model_dir / "last.pt").exists(), "no checkpoint was written before the kill"
+    assert torch.load(model_dir / "last.pt", weights_only=True)["epoch"] >= 1
+    result = run_script(args + ["--resume"])
+    assert result.returncode == 0, result.stderr
+    assert [int(r["epoch"]) for r in read_metrics(model_dir)] == [1, 2, 3]
+    assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch):
+    model_dir = tmp_path / "nan"
+    train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "1"))
+    before = digest(model_dir / "last.pt")
+    nan_loss = lambda logits_nat, logits_adv, y, beta: logits_adv.sum() * float("nan")
+    monkeypatch.setitem(losses.OBJECTIVES, "at", replace(losses.OBJECTIVES["at"], loss_fn=nan_loss))
+    monkeypatch.setattr(train_standard, "OBJECTIVES", losses.OBJECTIVES)
+    with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 2, batch 1"):
+        train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "2", "--resume"))
+    assert digest(model_dir / "last.pt") == before
+    assert len(read_metrics(model_dir)) == 1
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--epsilon", "0"], "--epsilon: must be > 0"),
+    (["--epsilon=-8/255"], "--epsilon: must be > 0"),
+    (["--epsilon", "eight"], "is not a number"),
+    (["--num-steps", "0"], "--num-steps: must be >= 1"),
+    (["--dataset", "imagenet-1k"], "invalid choice: 'imagenet-1k'"),
+    (["--arch", "resnet1000"], "invalid choice: 'resnet1000'"),
+    (["--device", "cuda:7"], "device 'cuda:7'"),
+])
+def test_bad_flags_give_one_line(fmnist_dir, tmp_path, flags, fragment):
+    assert_one_line_error(run_script(small_args(fmnist_dir, tmp_path / "bad", *flags)), fragment)
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_missing_dataset_gives_one_line(tmp_path):
+    result = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--model-dir",
+                         str(tmp_path / "run"), "--device", "cpu"], timeout=600)
+    assert_one_line_error(result, str(tmp_path / "nowhere"))
+
+
+def test_unwritable_model_dir(fmnist_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(run_script(small_args(fmnist_dir, blocker / "run", "--epochs", "1")), "cannot write to model directory")
+
+
+def test_bad_checkpoints_are_reported_and_never_damaged(fmnist_dir, tmp_path):
+    model_dir = tmp_path / "run"
+    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "1", "--resume")), "no ")
+    assert run_script(small_args(fmnist_dir, model_dir, "--epochs", "1")).returncode == 0
+    good = digest(model_dir / "last.pt")
+
+    # a second fresh run into the same folder must not overwrite it
+    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "1")), "already holds a run")
+    # resuming with another architecture
+    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "2", "--resume", "--arch", "resnet18")),
+                          "--arch small-cnn")
+    assert digest(model_dir / "last.pt") == good
+
+    # a checkpoint whose weights are of another architecture
+    other = tmp_path / "other"
+    checkpoint = torch.load(model_dir / "last.pt", weights_only=True)
+    checkpoint["model"] = {"net.fc.weight": torch.zeros(10, 512)}
+    other.mkdir()
+    torch.save(checkpoint, other / "last.pt")
+    assert_one_line_error(run_script(small_args(fmnist_dir, other, "--epochs", "2", "--resume")), "does not fit")
+
+    # a truncated (corrupt) checkpoint
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "last.pt").write_bytes((model_dir / "last.pt").read_bytes()[:1000])
+    before = digest(corrupt / "last.pt")
+    assert_one_line_error(run_script(small_args(fmnist_dir, corrupt, "--epochs", "2", "--resume")), "cannot read checkpoint")
+    assert digest(corrupt / "last.pt") == before
+    assert digest(model_dir / "last.pt") == good
+
+
+def test_finished_run_resumes_to_nothing(fmnist_dir, tmp_path):
+    model_dir = tmp_path / "done"
+    train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "1"))
+    before = digest(model_dir / "last.pt")
+    assert train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "1", "--resume")) == 0
+    assert digest(model_dir / "last.pt") == before

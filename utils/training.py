@@ -1,0 +1,347 @@
+"""Training infrastructure shared by the stage scripts: run folders, the epoch loop with resume and
+checkpoint selection, the adversarial training step, and clean/PGD evaluation."""
+import csv
+import io
+import math
+import os
+import platform
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import build_model
+from utils.attacks import PGDConfig, frozen_eval, pgd_attack
+from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, atomic_write_text,
+                              load_checkpoint, load_state_dict_checked)
+from utils.errors import UserError
+from utils.runtime import autocast, capture_rng_state, git_commit, package_versions, restore_rng_state
+
+# Flags that may change when a run is resumed: they do not change what the finished run computes
+# (the lr schedule is a pure function of the epoch, and evaluation draws from its own random stream).
+RESUMABLE_CHANGES = {"resume", "device", "workers", "epochs", "milestones", "tensorboard", "eval_batch_size",
+                     "test_limit", "model_dir", "data_dir"}
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and their specification (enough to rebuild a model from a checkpoint alone)
+
+def model_spec_from_args(args, info) -> dict:
+    return dict(arch=args.arch, dataset=info.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                image_size=info.image_size, mean=list(info.mean), std=list(info.std),
+                width=args.width, depth=args.depth, widen_factor=args.widen_factor)
+
+
+def model_from_spec(spec: dict) -> torch.nn.Module:
+    try:
+        return build_model(spec["arch"], spec["num_classes"], spec["in_channels"], spec["image_size"],
+                           spec["mean"], spec["std"], width=spec["width"], depth=spec["depth"],
+                           widen_factor=spec["widen_factor"])
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def load_model(path, device) -> tuple:
+    """The model stored in a checkpoint (best.pt or last.pt of any stage), and the checkpoint dict."""
+    checkpoint = load_checkpoint(path)
+    if "model_spec" not in checkpoint or "model" not in checkpoint:
+        raise UserError(f"checkpoint {path} holds no target model")
+    model = model_from_spec(checkpoint["model_spec"])
+    load_state_dict_checked(model, checkpoint["model"], path)
+    return model.to(device), checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders
+
+class RunDirectory:
+    """The output folder of one run: config.json, metrics.csv, last.pt, best.pt (all written atomically)."""
+
+    def __init__(self, path, resume: bool):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise UserError(f"cannot write to model directory {self.path}: {error.strerror or error}") from None
+        if resume and not self.last.is_file():
+            raise UserError(f"--resume: there is no {self.last} to continue from")
+        if not resume and (self.last.is_file() or self.best.is_file()):
+            raise UserError(f"{self.path} already holds a run; pass --resume to continue it or choose another --model-dir")
+
+    last = property(lambda self: self.path / "last.pt")
+    best = property(lambda self: self.path / "best.pt")
+    config = property(lambda self: self.path / "config.json")
+    metrics = property(lambda self: self.path / "metrics.csv")
+
+    def write_config(self, args, stage: str, script: str, argv, extra: dict = None):
+        """config.json: the resolved arguments, the command as given to the script, and provenance."""
+        record = {"stage": stage, "args": vars(args), "command": shlex.join([script, *argv]),
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": {"host": socket.gethostname(), "platform": platform.platform(),
+                              "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                  "versions": package_versions(), "git_commit": git_commit()}
+        record.update(extra or {})
+        atomic_write_json(self.config, record)
+
+    def write_metrics(self, history: list):
+        """metrics.csv is rewritten from the checkpointed history, so it never holds an epoch last.pt lacks."""
+        if not history:
+            return
+        buffer = io.StringIO()
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: _format_metric(v) for k, v in row.items()})
+        atomic_write_text(self.metrics, buffer.getvalue())
+
+
+def _format_metric(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def check_resume_compatible(saved_args: dict, args, path):
+    for key, value in vars(args).items():
+        if key in RESUMABLE_CHANGES or key not in saved_args:
+            continue
+        saved = saved_args[key]
+        if isinstance(saved, list) and isinstance(value, tuple):
+            value = list(value)
+        if saved != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume: {path} was started with {flag} {saved}, not {value}; "
+                            f"use the same settings or another --model-dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule: a pure function of the epoch (so a resumed run may extend --epochs)
+
+def step_lr(base_lr: float, milestones, gamma: float, epoch: int) -> float:
+    return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# The epoch loop
+
+class TrainingRun:
+    """Runs epochs, keeps the history, selects the best epoch on validation data, and checkpoints.
+
+    Checkpoint order per epoch: best.pt (if improved), then last.pt, then metrics.csv (derived from
+    last.pt). A run killed between any two writes resumes from last.pt and redoes at most one epoch,
+    rewriting identical files.
+    """
+
+    def __init__(self, run_dir: RunDirectory, args, stage: str, model, optimizer, generator,
+                 model_spec: dict = None, select_key: str = "val_pgd_acc", extra_state=None):
+        self.run_dir, self.args, self.stage = run_dir, args, stage
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.model_spec, self.select_key = model_spec, select_key
+        self.extra_state = extra_state or {}  # name -> module with state_dict() (e.g. estimators)
+        self.history, self.best, self.start_epoch = [], None, 0
+        self.writer = None
+
+    def _base_record(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "stage": self.stage, "config": vars(self.args),
+                "model_spec": self.model_spec, "model": self.model.state_dict(),
+                **{name: module.state_dict() for name, module in self.extra_state.items()}}
+
+    def resume(self):
+        checkpoint = load_checkpoint(self.run_dir.last)
+        if checkpoint.get("stage") != self.stage:
+            raise UserError(f"--resume: {self.run_dir.last} is a {checkpoint.get('stage')} checkpoint, not {self.stage}")
+        check_resume_compatible(checkpoint.get("config", {}), self.args, self.run_dir.last)
+        load_state_dict_checked(self.model, checkpoint["model"], self.run_dir.last)
+        for name, module in self.extra_state.items():
+            load_state_dict_checked(module, checkpoint[name], self.run_dir.last, what=name)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise UserError(f"--resume: optimizer state in {self.run_dir.last} does not fit ({error})") from None
+        restore_rng_state(checkpoint["rng"], self.generator)
+        self.history, self.best, self.start_epoch = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
+        tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
+
+    def _is_better(self, row) -> bool:
+        value = row.get(self.select_key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return self.best is None or self.best.get("value") is None  # no validation data: keep the latest
+        return self.best is None or self.best.get("value") is None or value > self.best["value"]
+
+    def _save(self, epoch: int, row: dict):
+        if self._is_better(row):
+            value = row.get(self.select_key)
+            self.best = {"epoch": epoch, "key": self.select_key,
+                         "value": None if value is None or (isinstance(value, float) and math.isnan(value)) else value}
+            atomic_torch_save({**self._base_record(), "epoch": epoch, "metrics": row}, self.run_dir.best)
+        atomic_torch_save({**self._base_record(), "epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                           "scheduler": {"kind": "step", "base_lr": self.args.lr, "milestones": list(self.args.milestones),
+                                         "gamma": self.args.lr_gamma},
+                           "rng": capture_rng_state(self.generator), "history": self.history, "best": self.best},
+                          self.run_dir.last)
+        self.run_dir.write_metrics(self.history)
+
+    def _log_tensorboard(self, row):
+        if not self.args.tensorboard:
+            return
+        if self.writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(self.run_dir.path / "tensorboard"))
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):
+                self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def fit(self, run_epoch):
+        """run_epoch(epoch) -> metrics row (dict); epochs are 0-based here and 1-based in the files."""
+        if self.args.resume:
+            self.resume()
+        if self.start_epoch >= self.args.epochs:
+            tqdm.write(f"{self.run_dir.path} already finished {self.start_epoch} epochs; nothing to do")
+            return self.history
+        for epoch in range(self.start_epoch, self.args.epochs):
+            lr = step_lr(self.args.lr, self.args.milestones, self.args.lr_gamma, epoch)
+            set_lr(self.optimizer, lr)
+            started = time.perf_counter()
+            row = {"epoch": epoch + 1, "lr": lr, **run_epoch(epoch), "seconds": round(time.perf_counter() - started, 2)}
+            self.history.append(row)
+            self._save(epoch + 1, row)
+            self._log_tensorboard(row)
+            tqdm.write(summarise(row))
+        if self.writer is not None:
+            self.writer.close()
+        best = self.best or {}
+        tqdm.write(f"done: best epoch {best.get('epoch')} ({self.select_key} {best.get('value')}); files in {self.run_dir.path}")
+        return self.history
+
+
+def summarise(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    for key, value in row.items():
+        if key in ("epoch",):
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch of training, and evaluation
+
+def check_finite(loss, epoch: int, batch: int, last_good: Path):
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}; stopped. "
+                            f"{last_good} (the last completed epoch) is intact; lower --lr or add --warmup-epochs")
+
+
+def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: RunDirectory, amp=False, desc="train"):
+    """Train one epoch; step_fn(x, y, batch_index) -> (loss, logits_nat or None, logits_adv or None, extras dict).
+
+    Returns the example-weighted means of the loss and of every extra, and the clean and adversarial
+    accuracies on the training batches (clean from an extra no-grad eval forward when the step has none).
+    """
+    totals, count, clean_correct, adv_correct, adv_count = {}, 0, 0, 0, 0
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, dynamic_ncols=True)
+    for index, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss, logits_nat, logits_adv, extras = step_fn(x, y, index)
+        check_finite(loss.detach(), epoch, index, run_dir.last)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if logits_nat is None:
+            with torch.no_grad(), frozen_eval(model), autocast(device, amp):
+                logits_nat = model(x)
+        n = y.shape[0]
+        count += n
+        clean_correct += (logits_nat.detach().argmax(1) == y).sum().item()
+        if logits_adv is not None:
+            adv_correct += (logits_adv.detach().argmax(1) == y).sum().item()
+            adv_count += n
+        for key, value in {"train_loss": loss.detach(), **extras}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * n
+        bar.set_postfix(loss=f"{totals['train_loss'] / count:.3f}", clean=f"{clean_correct / count:.3f}",
+                        adv=f"{adv_correct / adv_count:.3f}" if adv_count else "-")
+    stats = {key: value / max(count, 1) for key, value in totals.items()}
+    stats["train_clean_acc"] = clean_correct / max(count, 1)
+    stats["train_adv_acc"] = adv_correct / adv_count if adv_count else float("nan")
+    return stats
+
+
+def make_adversarial_step(model, objective, attack_schedule, beta, generator):
+    """The stage-1 step: craft x~ with the objective's training attack, then its loss in train mode.
+
+    attack_schedule(batch_index) -> PGDConfig, or None for a clean (warm-up) step.
+    """
+    def step(x, y, index):
+        config = attack_schedule(index)
+        if config is None:
+            model.train()
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits, None, {}
+        x_adv = pgd_attack(model, x, y, config, generator)
+        model.train()
+        logits_nat = model(x) if objective.needs_clean_logits else None
+        logits_adv = model(x_adv)
+        return objective.loss(logits_nat, logits_adv, y, beta), logits_nat, logits_adv, {}
+    return step
+
+
+def training_attack_schedule(base: PGDConfig, epoch: int, batches_per_epoch: int, warmup_epochs: int, ramp_epochs: int):
+    """PGDConfig per batch of `epoch`: None during clean warm-up, then epsilon (and the step size)
+    grown linearly per batch over ramp_epochs, then the full budget."""
+    def schedule(index):
+        if epoch < warmup_epochs:
+            return None
+        if ramp_epochs == 0:
+            return base
+        progress = (epoch - warmup_epochs + (index + 1) / batches_per_epoch) / ramp_epochs
+        if progress >= 1:
+            return base
+        return replace(base, epsilon=base.epsilon * progress, step_size=base.step_size * progress)
+    return schedule
+
+
+def evaluate(model, loader, attack: PGDConfig, device, seed: int, amp=False, desc="eval") -> dict:
+    """Clean and PGD accuracy over a loader. The attack draws from its own generator seeded by `seed`,
+    so evaluation is reproducible and never touches the training run's random streams."""
+    if len(loader.dataset) == 0:
+        return {"clean_acc": float("nan"), "pgd_acc": float("nan")}
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    clean, robust, count = 0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            with torch.no_grad(), frozen_eval(model):
+                clean += (model(x).argmax(1) == y).sum().item()
+            x_adv = pgd_attack(model, x, y, attack, generator)
+            with torch.no_grad(), frozen_eval(model):
+                robust += (model(x_adv).argmax(1) == y).sum().item()
+        count += y.shape[0]
+        bar.set_postfix(clean=f"{clean / count:.3f}", pgd=f"{robust / count:.3f}")
+    return {"clean_acc": clean / count, "pgd_acc": robust / count}
