@@ -1,6 +1,4 @@
 """Tests for utils/data.py on synthetic CIFAR-10 and Tiny ImageNet files and Debian's real Fashion-MNIST."""
-import pickle
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -9,54 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, without installing the repo
+import torchvision.datasets.svhn
 
-import torchvision.datasets.cifar  # noqa: E402
-import torchvision.datasets.svhn  # noqa: E402
+from utils import data
+from utils.errors import UserError
+from tests.conftest import CIFAR_PER_CLASS_PER_BATCH, CIFAR_TEST_PER_CLASS, _no_network, _pickle
 
-from utils import data  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-
-CIFAR_PER_CLASS_PER_BATCH = 2  # 5 batches x 10 classes x 2 = 100 training images, 10 per class
-CIFAR_TEST_PER_CLASS = 3
 TINY_WNIDS = ["n01443537", "n01629819", "n01641577"]
 TINY_TRAIN_PER_CLASS = 6
 TINY_VAL_PER_CLASS = 2
-
-
-def _cifar_batch(per_class: int, rng: np.random.Generator) -> dict:
-    """One CIFAR pickle batch: 'data' uint8 (N, 3072) in CHW order and 'labels'."""
-    labels = [c for c in range(10) for _ in range(per_class)]
-    images = rng.integers(0, 256, size=(len(labels), 3 * 32 * 32), dtype=np.uint8)
-    return {"data": images, "labels": labels}
-
-
-@pytest.fixture
-def fake_cifar10(tmp_path, monkeypatch):
-    """A small CIFAR-10 in torchvision's pickle layout under tmp_path.
-
-    torchvision md5-checks every batch file and batches.meta against the real archive's checksums
-    each time a CIFAR10 is built, which synthetic files cannot pass; checking existence only is enough here.
-    """
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", _no_network)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        _pickle(folder / f"data_batch_{i}", _cifar_batch(CIFAR_PER_CLASS_PER_BATCH, rng))
-    _pickle(folder / "test_batch", _cifar_batch(CIFAR_TEST_PER_CLASS, rng))
-    _pickle(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
-    return tmp_path
-
-
-def _pickle(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _no_network(*args, **kwargs):
-    raise AssertionError("tried to download although the files are present")
 
 
 def _offline(*args, **kwargs):

@@ -190,3 +190,17 @@ def test_finished_run_resumes_to_nothing(fmnist_dir, tmp_path):
     before = digest(model_dir / "last.pt")
     assert train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "1", "--resume")) == 0
     assert digest(model_dir / "last.pt") == before
+
+
+def test_cifar10_code_path_with_a_resnet_under_l2(fake_cifar10, tmp_path):
+    """The colour-data path (augmentation, ResNet, L2 budget defaults) on synthetic CIFAR-10 files."""
+    model_dir = tmp_path / "cifar"
+    train_standard.main(["--dataset", "cifar10", "--data-dir", str(fake_cifar10), "--arch", "resnet18", "--width", "8",
+                         "--norm", "l2", "--val-size", "20", "--epochs", "1", "--batch-size", "16", "--num-steps", "1",
+                         "--eval-steps", "1", "--device", "cpu", "--model-dir", str(model_dir), "--tensorboard"])
+    config = json.loads((model_dir / "config.json").read_text())["args"]
+    assert config["epsilon"] == pytest.approx(0.5) and config["batch_size"] == 16 and config["milestones"] == [1]
+    spec = torch.load(model_dir / "best.pt", weights_only=True)["model_spec"]
+    assert (spec["arch"], spec["in_channels"], spec["image_size"], spec["num_classes"], spec["width"]) == ("resnet18", 3, 32, 10, 8)
+    assert len(read_metrics(model_dir)) == 1
+    assert any(p.name.startswith("events.out.tfevents") for p in (model_dir / "tensorboard").iterdir())

@@ -131,7 +131,7 @@ def add_runtime_args(parser, default_model_dir_hint="checkpoints/<stage>_<datase
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored elsewhere)")
     group.add_argument("--tensorboard", action="store_true", help="also log to <model-dir>/tensorboard")
     group.add_argument("--eval-batch-size", type=positive_int, default=None,
-                       help="batch size of validation/test attacks (default: 2x the training batch size, at most 512)")
+                       help="batch size of validation/test attacks (default: the training batch size)")
     return group
 
 
@@ -151,5 +151,5 @@ def resolve_dataset_defaults(args):
     if hasattr(args, "milestones") and args.milestones is None:
         args.milestones = sorted({max(1, round(0.75 * args.epochs)), max(1, round(0.9 * args.epochs))})
     if hasattr(args, "eval_batch_size") and args.eval_batch_size is None:
-        args.eval_batch_size = min(512, 2 * args.batch_size)
+        args.eval_batch_size = args.batch_size
     return args
