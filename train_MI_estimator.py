@@ -1,7 +1,45 @@
 #!/usr/bin/env python3
-"""Stage 2a: MI estimators trained with the paper's Eq. 5. Not implemented yet (issue 3); it prints so and exits non-zero rather than faking output."""
+"""Stage 2a: train the natural-MI and adversarial-MI estimators with the paper's Eq. 5 (or the published code's objective).
+
+On the selected set X' (correct when natural, fooled when attacked), E_n maximises
+I_N(x; h(x)) - beta I_N(x; h(x~)) and E_a maximises I_A(n; h(x~)) - beta I_A(n; h(x)); the target is frozen.
+
+Example:
+    python train_MI_estimator.py --target-model checkpoints/standard_fashion-mnist_small-cnn_at_linf_seed0/best.pt
+"""
 import sys
+from functools import partial
+from pathlib import Path
+
+from utils.cli import (ArgumentParser, add_data_args, add_runtime_args, add_threat_model_args, nonnegative_number)
+from utils.errors import run_main
+from utils.estimator_training import add_estimator_args, train_estimators
+from utils.mi import paper_objective, reference_objective
+
+
+def build_parser():
+    parser = ArgumentParser(description="Stage 2a: MI estimators trained with the paper's Eq. 5.")
+    add_estimator_args(parser, default_epochs=25)
+    group = parser.add_argument_group("objective")
+    group.add_argument("--estimator-loss", choices=("paper", "reference"), default="paper",
+                       help="paper: Eq. 5; reference: the published code's objective with cosine terms (SPEC section 5)")
+    group.add_argument("--beta", type=nonnegative_number, default=1.0, help="weight of the subtracted MI in Eq. 5")
+    add_data_args(parser)
+    add_threat_model_args(parser, "threat model of the attack on the target (default: the target's)")
+    add_runtime_args(parser, "checkpoints/estimators_<loss>_<dataset>_<measure>_seed<seed>")
+    parser.set_defaults(dataset=None)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.estimator_loss == "paper":
+        objective = partial(paper_objective, beta=args.beta)
+    else:
+        objective = reference_objective
+    return train_estimators(args, argv, Path(__file__).name, objective, args.estimator_loss)
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet (see issue 3); stage 1 is train_standard.py", file=sys.stderr)
-    sys.exit(1)
+    run_main(main)

@@ -94,3 +94,15 @@ def _pickle(path: Path, obj) -> None:
 
 def _no_network(*args, **kwargs):
     raise AssertionError("tried to download although the files are present")
+
+
+@pytest.fixture(scope="session")
+def tiny_target(fmnist_dir, tmp_path_factory):
+    """A stage-1 run folder (train_standard.py, 2 epochs on 400 Fashion-MNIST images): returns best.pt's path."""
+    import train_standard
+    model_dir = tmp_path_factory.mktemp("target") / "run"
+    train_standard.main(["--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--train-limit", "400",
+                         "--val-size", "100", "--test-limit", "100", "--epochs", "2", "--batch-size", "50",
+                         "--num-steps", "3", "--eval-steps", "3", "--warmup-epochs", "0", "--eps-ramp-epochs", "0",
+                         "--lr", "0.05", "--device", "cpu", "--model-dir", str(model_dir)])
+    return model_dir / "best.pt"

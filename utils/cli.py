@@ -103,14 +103,20 @@ def add_optimizer_args(parser):
     return group
 
 
-def add_attack_args(parser):
-    group = parser.add_argument_group("threat model and training attack (paper: PGD-10, step eps/4)")
-    group.add_argument("--norm", choices=NORMS, default="linf")
+def add_threat_model_args(parser, title="threat model and training attack (paper: PGD-10, step eps/4)"):
+    group = parser.add_argument_group(title)
+    group.add_argument("--norm", choices=NORMS, default=None, help="default linf (stage 2 and 3: the target's)")
     group.add_argument("--epsilon", type=positive_number, default=None,
                        help="budget in [0,1] pixel units, fractions accepted (default: 8/255 colour, "
                             "0.3 mnist, 0.1 fashion-mnist under linf; 0.5 colour under l2)")
     group.add_argument("--num-steps", type=positive_int, default=10, help="PGD steps of the training attack")
     group.add_argument("--step-size", type=positive_number, default=None, help="default epsilon / 4")
+    return group
+
+
+def add_attack_args(parser):
+    """The threat model plus stage 1's evaluation attack and curriculum (warm-up, epsilon ramp)."""
+    group = add_threat_model_args(parser)
     group.add_argument("--eval-steps", type=positive_int, default=20, help="PGD steps of the validation/test attack")
     group.add_argument("--eval-step-size", type=positive_number, default=None, help="default epsilon / 4")
     group.add_argument("--eps-ramp-epochs", type=nonnegative_int, default=None,
@@ -143,6 +149,8 @@ def resolve_dataset_defaults(args):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None and hasattr(args, key):
             setattr(args, key, value)
+    if getattr(args, "norm", "") is None:
+        args.norm = "linf"
     if getattr(args, "epsilon", 0) is None:
         args.epsilon = info.epsilon_linf if args.norm == "linf" else info.epsilon_l2
     for key in ("step_size", "eval_step_size"):

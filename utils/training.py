@@ -67,10 +67,12 @@ def load_model(path, device) -> tuple:
 # Run folders
 
 class RunDirectory:
-    """The output folder of one run: config.json, metrics.csv, last.pt, best.pt (all written atomically)."""
+    """The output folder of one run: config.json, metrics.csv, last.pt and the selected checkpoint
+    (best.pt, or estimators.pt in stage 2), all written atomically."""
 
-    def __init__(self, path, resume: bool):
+    def __init__(self, path, resume: bool, best_name: str = "best.pt"):
         self.path = Path(path)
+        self.best = self.path / best_name
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test-")
@@ -84,7 +86,6 @@ class RunDirectory:
             raise UserError(f"{self.path} already holds a run; pass --resume to continue it or choose another --model-dir")
 
     last = property(lambda self: self.path / "last.pt")
-    best = property(lambda self: self.path / "best.pt")
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.csv")
 
@@ -152,28 +153,27 @@ class TrainingRun:
     rewriting identical files.
     """
 
-    def __init__(self, run_dir: RunDirectory, args, stage: str, model, optimizer, generator,
-                 model_spec: dict = None, select_key: str = "val_pgd_acc", extra_state=None):
+    def __init__(self, run_dir: RunDirectory, args, stage: str, model, optimizer, generator, model_spec: dict = None,
+                 select_key: str = "val_pgd_acc", select_mode: str = "max", model_key: str = "model",
+                 spec_key: str = "model_spec", metadata: dict = None):
         self.run_dir, self.args, self.stage = run_dir, args, stage
         self.model, self.optimizer, self.generator = model, optimizer, generator
-        self.model_spec, self.select_key = model_spec, select_key
-        self.extra_state = extra_state or {}  # name -> module with state_dict() (e.g. estimators)
+        self.model_spec, self.select_key, self.select_mode = model_spec, select_key, select_mode
+        self.model_key, self.spec_key = model_key, spec_key
+        self.metadata = metadata or {}  # extra JSON-like fields stored in every checkpoint
         self.history, self.best, self.start_epoch = [], None, 0
         self.writer = None
 
     def _base_record(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "stage": self.stage, "config": vars(self.args),
-                "model_spec": self.model_spec, "model": self.model.state_dict(),
-                **{name: module.state_dict() for name, module in self.extra_state.items()}}
+        return {"format": CHECKPOINT_FORMAT, "stage": self.stage, "config": vars(self.args), **self.metadata,
+                self.spec_key: self.model_spec, self.model_key: self.model.state_dict()}
 
     def resume(self):
         checkpoint = load_checkpoint(self.run_dir.last)
         if checkpoint.get("stage") != self.stage:
             raise UserError(f"--resume: {self.run_dir.last} is a {checkpoint.get('stage')} checkpoint, not {self.stage}")
         check_resume_compatible(checkpoint.get("config", {}), self.args, self.run_dir.last)
-        load_state_dict_checked(self.model, checkpoint["model"], self.run_dir.last)
-        for name, module in self.extra_state.items():
-            load_state_dict_checked(module, checkpoint[name], self.run_dir.last, what=name)
+        load_state_dict_checked(self.model, checkpoint[self.model_key], self.run_dir.last, what=self.model_key)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as error:
@@ -182,17 +182,20 @@ class TrainingRun:
         self.history, self.best, self.start_epoch = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
         tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
 
-    def _is_better(self, row) -> bool:
+    def _selection_value(self, row):
         value = row.get(self.select_key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return self.best is None or self.best.get("value") is None  # no validation data: keep the latest
-        return self.best is None or self.best.get("value") is None or value > self.best["value"]
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    def _is_better(self, value) -> bool:
+        """Strictly better than the best so far; without validation data every epoch replaces the last."""
+        if self.best is None or value is None or self.best["value"] is None:
+            return True
+        return value > self.best["value"] if self.select_mode == "max" else value < self.best["value"]
 
     def _save(self, epoch: int, row: dict):
-        if self._is_better(row):
-            value = row.get(self.select_key)
-            self.best = {"epoch": epoch, "key": self.select_key,
-                         "value": None if value is None or (isinstance(value, float) and math.isnan(value)) else value}
+        value = self._selection_value(row)
+        if self._is_better(value):
+            self.best = {"epoch": epoch, "key": self.select_key, "value": value}
             atomic_torch_save({**self._base_record(), "epoch": epoch, "metrics": row}, self.run_dir.best)
         atomic_torch_save({**self._base_record(), "epoch": epoch, "optimizer": self.optimizer.state_dict(),
                            "scheduler": {"kind": "step", "base_lr": self.args.lr, "milestones": list(self.args.milestones),

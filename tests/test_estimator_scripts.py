@@ -1,0 +1,132 @@
+"""train_MI_estimator.py and train_MI_estimator_only_max.py end to end: outputs, frozen target, resume, bad input."""
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_MI_estimator
+import train_MI_estimator_only_max
+from tests.conftest import REPO
+from utils.mi import QUANTITIES
+from utils.training import load_model
+
+SCRIPTS = {"paper": train_MI_estimator, "only-max": train_MI_estimator_only_max}
+
+
+def small_args(fmnist_dir, target, model_dir, *extra):
+    return ["--target-model", str(target), "--data-dir", str(fmnist_dir), "--train-limit", "200", "--val-size", "100",
+            "--test-limit", "100", "--batch-size", "50", "--hsize", "32", "--num-steps", "2", "--device", "cpu",
+            "--model-dir", str(model_dir), *extra]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_metrics(model_dir):
+    with open(model_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("name,extra", [("paper", []), ("paper", ["--estimator-loss", "reference", "--mi-measure", "jsd"]),
+                                        ("only-max", ["--mi-measure", "nce"])])
+def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path, name, extra):
+    target_digest = digest(tiny_target)
+    target_before, _ = load_model(tiny_target, "cpu")
+    model_dir = tmp_path / "est"
+    assert SCRIPTS[name].main(small_args(fmnist_dir, tiny_target, model_dir, "--epochs", "2", *extra)) == 0
+
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "estimators.pt", "last.pt", "metrics.csv",
+                                                           "mi_distributions.png", "mi_report.json"]
+    assert digest(tiny_target) == target_digest, "the target checkpoint was modified"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["stage"] == "estimators" and config["args"]["dataset"] == "fashion-mnist"
+    assert config["args"]["epsilon"] == pytest.approx(0.1) and config["args"]["norm"] == "linf"
+    assert config["target_sha256"] == target_digest
+
+    rows = read_metrics(model_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ["val_objective", "val_selected", "train_selected"] + [f"val_{q}" for q in QUANTITIES] + [f"val_sel_{q}" for q in QUANTITIES]:
+        assert key in rows[0] and rows[0][key] not in ("", "nan"), key
+
+    estimators = torch.load(model_dir / "estimators.pt", weights_only=True)
+    assert estimators["estimator_spec"]["hsize"] == 32 and estimators["target_spec"]["arch"] == "small-cnn"
+    assert estimators["objective"] == (extra[1] if extra[:1] == ["--estimator-loss"] else name)
+    assert any(k.startswith("natural.local") for k in estimators["estimators"])
+    assert any(k.startswith("adversarial.head") for k in estimators["estimators"])
+
+    report = json.loads((model_dir / "mi_report.json").read_text())
+    assert report["samples"] == 100 and set(report["all"]) == set(QUANTITIES)
+    assert "observation" in report and report["best_epoch"] in (1, 2)
+    png = (model_dir / "mi_distributions.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    # the in-memory target was never touched either: weights and BN buffers (SmallCNN has none) equal
+    target_after, _ = load_model(tiny_target, "cpu")
+    for (k, a), (_, b) in zip(target_before.state_dict().items(), target_after.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_estimator_training_never_touches_the_target_in_memory(fmnist_dir, tiny_target, tmp_path, monkeypatch):
+    """Weights, buffers and gradients of the live target module are unchanged by a whole run."""
+    from utils import estimator_training
+    captured = {}
+    original = estimator_training.load_frozen_target
+    def capture(path, device):
+        model, checkpoint = original(path, device)
+        captured["model"], captured["state"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        return model, checkpoint
+    monkeypatch.setattr(estimator_training, "load_frozen_target", capture)
+    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, tmp_path / "est", "--epochs", "1"))
+    model = captured["model"]
+    assert not model.training
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, captured["state"][k]) for k, v in model.state_dict().items())
+
+
+def test_resume_is_bit_identical(fmnist_dir, tiny_target, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, straight, "--epochs", "2"))
+    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, resumed, "--epochs", "1", "--milestones", "1"))
+    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, resumed, "--epochs", "2", "--resume"))
+    a = torch.load(straight / "last.pt", weights_only=True)["estimators"]
+    b = torch.load(resumed / "last.pt", weights_only=True)["estimators"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+
+
+def run_script(script, args):
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_bad_input(fmnist_dir, tiny_target, tmp_path):
+    script = "train_MI_estimator.py"
+    run = tmp_path / "est"
+    assert_one_line_error(run_script(script, small_args(fmnist_dir, tiny_target, tmp_path / "a", "--dataset", "cifar10")),
+                          "does not match the target model")
+    assert_one_line_error(run_script(script, small_args(fmnist_dir, tiny_target, tmp_path / "b", "--val-size", "0")),
+                          "--val-size must be > 0")
+    assert_one_line_error(run_script(script, small_args(fmnist_dir, tmp_path / "missing.pt", tmp_path / "c")),
+                          "does not exist")
+    assert run_script(script, small_args(fmnist_dir, tiny_target, run, "--epochs", "1")).returncode == 0
+    # an estimators.pt is not a target model
+    assert_one_line_error(run_script(script, small_args(fmnist_dir, run / "estimators.pt", tmp_path / "d")),
+                          "not a trained target model")
+    # resuming with estimators of another size, or another objective, is refused and damages nothing
+    before = digest(run / "last.pt")
+    assert_one_line_error(run_script(script, small_args(fmnist_dir, tiny_target, run, "--epochs", "2", "--resume", "--hsize", "64")),
+                          "--hsize 32")
+    assert_one_line_error(run_script("train_MI_estimator_only_max.py",
+                                     small_args(fmnist_dir, tiny_target, run, "--epochs", "2", "--resume")), "--objective paper")
+    assert digest(run / "last.pt") == before

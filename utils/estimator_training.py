@@ -1,0 +1,262 @@
+"""Stage 2 (SPEC section 5): train the natural-MI and adversarial-MI estimators against a frozen target.
+
+Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
+train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.estimators import build_estimators
+from utils.attacks import PGDConfig, pgd_attack
+from utils.checkpoint import atomic_write_json, load_checkpoint, load_state_dict_checked
+from utils.cli import positive_int, positive_number, resolve_dataset_defaults
+from utils.data import load_splits, make_loader
+from utils.errors import UserError
+from utils.mi import MI_MEASURES, QUANTITIES, QUANTITY_LABELS, local_encodings, masked_mean, mi_quantities, select_misled
+from utils.runtime import attack_generator, autocast, resolve_device, seed_everything
+from utils.training import RunDirectory, TrainingRun, load_model, train_epoch
+
+STAGE = "estimators"
+ESTIMATOR_FILE = "estimators.pt"
+
+
+def add_estimator_args(parser, default_epochs: int):
+    group = parser.add_argument_group("MI estimators (published code: Adam, lr 1e-2, divided by 10 at 40% and 80%)")
+    group.add_argument("--target-model", required=True, help="stage-1 checkpoint (best.pt) of the frozen target")
+    group.add_argument("--hsize", type=positive_int, default=2048, help="feature size of the local/global encodings")
+    group.add_argument("--mi-measure", choices=MI_MEASURES, default="dv", help="Donsker-Varadhan, Jensen-Shannon or InfoNCE")
+    group.add_argument("--epochs", type=positive_int, default=default_epochs)
+    group.add_argument("--batch-size", type=positive_int, default=None, help="default: the dataset's (1024 colour, 128 MNIST-like)")
+    group.add_argument("--lr", type=positive_number, default=1e-2)
+    group.add_argument("--milestones", type=positive_int, nargs="*", default=None,
+                       help="epochs where the lr is divided by 10 (default: 40%% and 80%% of --epochs)")
+    group.add_argument("--lr-gamma", type=positive_number, default=0.1)
+    return group
+
+
+def resolve_against_target(args, target_checkpoint: dict):
+    """Dataset and threat model default to the target's; a different dataset is an error."""
+    spec, config = target_checkpoint["model_spec"], target_checkpoint.get("config", {})
+    if args.dataset is None:
+        args.dataset = spec["dataset"]
+    elif args.dataset != spec["dataset"]:
+        raise UserError(f"--dataset {args.dataset} does not match the target model, trained on {spec['dataset']}")
+    if args.norm is None:
+        args.norm = config.get("norm", "linf")
+    if args.epsilon is None and config.get("norm") == args.norm:
+        args.epsilon = config.get("epsilon")
+    if args.milestones is None:
+        args.milestones = sorted({max(1, round(0.4 * args.epochs)), max(1, round(0.8 * args.epochs))})
+    resolve_dataset_defaults(args)
+    return args
+
+
+def load_frozen_target(path, device):
+    """The stage-1 target in eval mode with every parameter frozen; a non-target checkpoint is an error."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("stage") not in ("standard", "namid") or "model_spec" not in checkpoint:
+        raise UserError(f"--target-model {path} is a {checkpoint.get('stage')} checkpoint, not a trained target model "
+                        f"(pass the best.pt of train_standard.py)")
+    model, _ = load_model(path, device)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, checkpoint
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def estimator_spec(args, info) -> dict:
+    return {"kind": "mi-estimators", "dataset": info.name, "in_channels": info.in_channels,
+            "num_classes": info.num_classes, "image_size": info.image_size, "hsize": args.hsize,
+            "measure": args.mi_measure}
+
+
+def load_estimators(path, device):
+    """Frozen estimators from an estimators.pt, with its checkpoint dict (for the metadata)."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("stage") != STAGE or "estimators" not in checkpoint:
+        raise UserError(f"{path} is not an estimators.pt of train_MI_estimator*.py")
+    spec = checkpoint["estimator_spec"]
+    estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"])
+    load_state_dict_checked(estimators, checkpoint["estimators"], path, what="estimator pair")
+    estimators.to(device).eval()
+    for parameter in estimators.parameters():
+        parameter.requires_grad_(False)
+    return estimators, checkpoint
+
+
+def adversarial_batch(target, x, y, attack, generator):
+    """x~ from the frozen target, and its logits for x and x~ from one no-grad forward."""
+    x_adv = pgd_attack(target, x, y, attack, generator)
+    with torch.no_grad():
+        logits_nat, logits_adv = target(torch.cat([x, x_adv])).chunk(2)
+    return x_adv, logits_nat, logits_adv
+
+
+def make_estimator_step(estimators, target, objective, attack, generator, measure):
+    def step(x, y, index):
+        x_adv, logits_nat, logits_adv = adversarial_batch(target, x, y, attack, generator)
+        estimators.train()
+        local_nat, local_adv = local_encodings(estimators, x, x_adv)
+        q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure)
+        selected = select_misled(logits_nat, logits_adv, y).float().mean()
+        return objective(q, logits_nat, logits_adv, y), logits_nat, logits_adv, {"train_selected": selected}
+    return step
+
+
+@torch.no_grad()
+def collect_mi(estimators, target, loader, attack, objective, device, seed, measure, amp=False, desc="held-out"):
+    """Per-sample quantities over a loader, with the selection masks, and the batch-weighted objective."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    estimators.eval()
+    parts = {name: [] for name in (*QUANTITIES, "selected", "correct", "fooled")}
+    objective_sum, count = 0.0, 0
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, amp):
+            x_adv, logits_nat, logits_adv = adversarial_batch(target, x, y, attack, generator)
+            local_nat, local_adv = local_encodings(estimators, x, x_adv)
+            q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure)
+        objective_sum += float(objective(q, logits_nat, logits_adv, y)) * len(y)
+        count += len(y)
+        for name in QUANTITIES:
+            parts[name].append(q[name].float().cpu())
+        parts["selected"].append(select_misled(logits_nat, logits_adv, y).cpu())
+        parts["correct"].append((logits_nat.argmax(1) == y).cpu())
+        parts["fooled"].append((logits_adv.argmax(1) != y).cpu())
+    values = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    values["objective"] = objective_sum / max(count, 1)
+    return values
+
+
+def held_out_row(values, prefix="val") -> dict:
+    """The four MI means over all held-out samples and over the selected set X', its size and the objective."""
+    row = {f"{prefix}_objective": values["objective"], f"{prefix}_selected": int(values["selected"].sum())}
+    selected = values["selected"].float()
+    for name in QUANTITIES:
+        row[f"{prefix}_{name}"] = float(values[name].mean())
+        row[f"{prefix}_sel_{name}"] = float(masked_mean(values[name], selected))
+    return row
+
+
+def _stats(tensor) -> dict:
+    if tensor.numel() == 0:
+        return {"n": 0}
+    return {"n": tensor.numel(), "mean": float(tensor.mean()), "std": float(tensor.std()) if tensor.numel() > 1 else 0.0,
+            "median": float(tensor.median())}
+
+
+def mi_report(values) -> dict:
+    """Summary statistics and the paper's Fig. 2/4 observation, tested on the selected set X'."""
+    selected = values["selected"]
+    report = {"quantities": QUANTITY_LABELS, "all": {}, "selected": {}}
+    for name in QUANTITIES:
+        report["all"][name] = _stats(values[name])
+        report["selected"][name] = _stats(values[name][selected])
+    n_sel = int(selected.sum())
+    if n_sel == 0:
+        report["observation"] = "no held-out sample is correctly classified and fooled by the attack: nothing to compare"
+        return report
+    adv_higher = (values["adv_mi_adv"][selected] > values["adv_mi_clean"][selected]).float().mean().item()
+    nat_lower = (values["nat_mi_adv"][selected] < values["nat_mi_clean"][selected]).float().mean().item()
+    s = report["selected"]
+    holds = s["adv_mi_adv"]["mean"] > s["adv_mi_clean"]["mean"] and s["nat_mi_adv"]["mean"] < s["nat_mi_clean"]["mean"]
+    report["adversarial_mi_higher_for_adversarial"] = adv_higher
+    report["natural_mi_lower_for_adversarial"] = nat_lower
+    report["observation_holds"] = holds
+    report["observation"] = (
+        f"On the {n_sel} held-out samples that are correct when natural and fooled when attacked, the adversarial MI "
+        f"I_A(n; h(x~)) averages {s['adv_mi_adv']['mean']:.4f} against I_A(n; h(x)) {s['adv_mi_clean']['mean']:.4f} "
+        f"(higher for the adversarial in {adv_higher:.1%} of samples), and the natural MI I_N(x; h(x~)) averages "
+        f"{s['nat_mi_adv']['mean']:.4f} against I_N(x; h(x)) {s['nat_mi_clean']['mean']:.4f} (lower for the adversarial "
+        f"in {nat_lower:.1%}): the paper's observation {'holds' if holds else 'does NOT hold'} here.")
+    return report
+
+
+def plot_mi_distributions(values, path, title):
+    """Histograms of the four quantities on X' (the paper's Fig. 2/4), written as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = values["selected"]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, (clean, adv, label) in zip(axes, (("nat_mi_clean", "nat_mi_adv", "natural MI"),
+                                                ("adv_mi_clean", "adv_mi_adv", "adversarial MI"))):
+        for name, colour in ((clean, "tab:blue"), (adv, "tab:red")):
+            data = values[name][selected].numpy()
+            if data.size:
+                axis.hist(data, bins=40, alpha=0.6, color=colour, label=f"{QUANTITY_LABELS[name]} (mean {data.mean():.3f})")
+        axis.set_title(f"{label}, {int(selected.sum())} selected samples")
+        axis.set_xlabel("per-sample MI estimate")
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def train_estimators(args, argv, script: str, objective, objective_name: str):
+    """The whole of stage 2 for one objective(q, logits_nat, logits_adv, y) -> loss."""
+    device = resolve_device(args.device)
+    target, target_checkpoint = load_frozen_target(args.target_model, device)
+    resolve_against_target(args, target_checkpoint)
+    if args.model_dir is None:
+        args.model_dir = f"checkpoints/{STAGE}_{objective_name}_{args.dataset}_{args.mi_measure}_seed{args.seed}"
+    if args.val_size == 0:
+        raise UserError("stage 2 reports the MI on held-out data every epoch: --val-size must be > 0")
+    run_dir = RunDirectory(args.model_dir, resume=args.resume, best_name=ESTIMATOR_FILE)
+    seed_everything(args.seed)
+    splits = load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
+                         test_limit=args.test_limit, seed=args.seed)
+    spec = estimator_spec(args, splits.info)
+    estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"]).to(device)
+    optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr)
+    generator = attack_generator(args.seed, device)
+    attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
+    # Stored among the arguments so that --resume refuses another objective or a changed target file.
+    args.objective, args.target_sha256 = objective_name, file_sha256(args.target_model)
+    target_sha = args.target_sha256
+    metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
+                "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": target_sha,
+                "attack": vars(attack)}
+    run = TrainingRun(run_dir, args, STAGE, estimators, optimizer, generator, model_spec=spec,
+                      select_key="val_objective", select_mode="min", model_key="estimators",
+                      spec_key="estimator_spec", metadata=metadata)
+    if not args.resume:
+        run_dir.write_config(args, STAGE, script, argv, {**metadata, "estimator_spec": spec})
+
+    def run_epoch(epoch):
+        loader = make_loader(splits.train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                             epoch=epoch, device=device)
+        step = make_estimator_step(estimators, target, objective, attack, generator, args.mi_measure)
+        row = train_epoch(target, loader, optimizer, step, device, epoch, run_dir, amp=args.amp)
+        val_loader = make_loader(splits.val, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
+                                 device=device)
+        values = collect_mi(estimators, target, val_loader, attack, objective, device, args.seed + 1000 * epoch,
+                            args.mi_measure, args.amp, desc="val")
+        return {**row, **held_out_row(values)}
+
+    run.fit(run_epoch)
+
+    best, _ = load_estimators(run_dir.best, device)
+    test_loader = make_loader(splits.test, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
+                              device=device)
+    values = collect_mi(best, target, test_loader, attack, objective, device, args.seed, args.mi_measure, args.amp, "test")
+    report = {"split": "test", "samples": len(splits.test), "estimators": str(run_dir.best),
+              "best_epoch": run.best["epoch"], "objective": objective_name, "measure": args.mi_measure,
+              "attack": vars(attack), **mi_report(values)}
+    atomic_write_json(run_dir.path / "mi_report.json", report)
+    plot_mi_distributions(values, run_dir.path / "mi_distributions.png",
+                          f"{objective_name} estimators, {args.dataset} test set, {args.norm} eps {args.epsilon:.4g}")
+    if file_sha256(args.target_model) != target_sha:
+        raise UserError(f"the target checkpoint {args.target_model} changed during the run")  # never expected
+    tqdm.write(report["observation"])
+    return 0

@@ -1,0 +1,142 @@
+"""Per-sample mutual-information estimates (SPEC section 3), the Eq. 6 selection (section 4), and the
+stage-2 estimator objectives (section 5).
+
+Written by hand: no maintained library offers DIM-style local MI estimates per sample. Conventions:
+estimates are MI values (higher = more information); objectives are losses to minimise.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+MI_MEASURES = ("dv", "jsd", "nce")
+QUANTITIES = ("nat_mi_clean", "nat_mi_adv", "adv_mi_adv", "adv_mi_clean")
+QUANTITY_LABELS = {"nat_mi_clean": "I_N(x; h(x))", "nat_mi_adv": "I_N(x; h(x~))",
+                   "adv_mi_adv": "I_A(n; h(x~))", "adv_mi_clean": "I_A(n; h(x))"}
+
+
+def score_tensor(global_vectors, local_maps):
+    """s[i, j, k] = <G(h(v_i)), C(u_j)[:, k]>: (B, H) and (B, H, K) -> (B, B, K)."""
+    return torch.einsum("ih,jhk->ijk", global_vectors, local_maps)
+
+
+def mi_from_scores(scores, measure="dv"):
+    """Per-sample MI estimates (B,) from a (B, B, K) score tensor; sample i's negatives are the other
+    samples j != i of the batch, at the same location k, averaged over locations.
+
+    dv:  mean_k [ s(i,i,k) - logsumexp_{j != i} s(i,j,k) + log(B - 1) ]   (Donsker-Varadhan)
+    jsd: mean_k [ (log 2 - softplus(-s(i,i,k))) - mean_{j != i} (softplus(s(i,j,k)) - log 2) ]
+    nce: mean_k [ s(i,i,k) - logsumexp_j s(i,j,k) + log B ]               (InfoNCE: the positive is in the denominator)
+
+    The diagonal is excluded from the DV and JSD negatives (the published code multiplies it by zero,
+    which adds exp(0) = 1 to every sum). A batch of fewer than 2 samples has no negatives: zeros.
+    """
+    if measure not in MI_MEASURES:
+        raise ValueError(f"unknown MI measure {measure!r}; choose one of {MI_MEASURES}")
+    batch = scores.shape[0]
+    if batch < 2:
+        return scores.new_zeros(batch)
+    positive = scores.diagonal(dim1=0, dim2=1).transpose(0, 1)  # (B, K)
+    diagonal = torch.eye(batch, dtype=torch.bool, device=scores.device)[:, :, None]
+    if measure == "dv":
+        negative = scores.masked_fill(diagonal, float("-inf")).logsumexp(dim=1)
+        return (positive - negative + math.log(batch - 1)).mean(dim=1)
+    if measure == "nce":
+        return (positive - scores.logsumexp(dim=1) + math.log(batch)).mean(dim=1)
+    log2 = math.log(2.0)
+    expected_positive = log2 - F.softplus(-positive)
+    expected_negative = F.softplus(scores).masked_fill(diagonal, 0.0).sum(dim=1) / (batch - 1) - log2
+    return (expected_positive - expected_negative).mean(dim=1)
+
+
+def mi_estimate(estimator, local_maps, logits, measure="dv"):
+    """I(u; h(v)) per sample, from precomputed local encodings C(u) (B, H, K) and the logits h(v) (B, C)."""
+    return mi_from_scores(score_tensor(estimator.encode_global(logits), local_maps), measure)
+
+
+def local_encodings(estimators, x, x_adv):
+    """C_n(x) and C_a(n) with n = x~ - x: computed once per batch and shared by every MI term."""
+    return estimators["natural"].encode_local(x), estimators["adversarial"].encode_local(x_adv - x)
+
+
+def mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure="dv", which=QUANTITIES):
+    """The four per-sample quantities of the paper, over the whole batch:
+
+    nat_mi_clean = I_N(x; h(x)),  nat_mi_adv = I_N(x; h(x~)),
+    adv_mi_adv   = I_A(n; h(x~)), adv_mi_clean = I_A(n; h(x)).
+    """
+    natural, adversarial = estimators["natural"], estimators["adversarial"]
+    plan = {"nat_mi_clean": (natural, local_nat, logits_nat), "nat_mi_adv": (natural, local_nat, logits_adv),
+            "adv_mi_adv": (adversarial, local_adv, logits_adv), "adv_mi_clean": (adversarial, local_adv, logits_nat)}
+    return {name: mi_estimate(*plan[name], measure) for name in which}
+
+
+def select_misled(logits_nat, logits_adv, y):
+    """Paper Eq. 6: samples classified correctly when natural and wrongly when adversarial.
+
+    The argmax is over classes (dim 1); the published code takes a softmax over the batch first,
+    which flips 6-20 % of the selections.
+    """
+    return (logits_nat.argmax(dim=1) == y) & (logits_adv.argmax(dim=1) != y)
+
+
+def masked_mean(values, mask):
+    """Mean of values[mask]; 0 (never NaN) when the mask is empty."""
+    count = mask.sum()
+    return (values * mask).sum() / count.clamp_min(1)
+
+
+def cosine(a, b, mask):
+    """Cosine similarity of the vectors a[mask] and b[mask] (zeros elsewhere change nothing); 0 if empty."""
+    a, b = a * mask, b * mask
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-2 objectives (losses to minimise). q holds the four per-sample quantities over the batch.
+
+def only_max_objective(q, logits_nat, logits_adv, y):
+    """Eq. 4: E_n maximises I_N(x; h(x)) over correctly classified natural samples, E_a maximises
+    I_A(n; h(x~)) over samples whose adversarial is misclassified."""
+    correct = logits_nat.argmax(dim=1) == y
+    fooled = logits_adv.argmax(dim=1) != y
+    return -(masked_mean(q["nat_mi_clean"], correct) + masked_mean(q["adv_mi_adv"], fooled))
+
+
+def paper_objective(q, logits_nat, logits_adv, y, beta=1.0):
+    """Eq. 5 on the selected set X': E_n maximises I_N(x; h(x)) - beta I_N(x; h(x~)),
+    E_a maximises I_A(n; h(x~)) - beta I_A(n; h(x))."""
+    selected = select_misled(logits_nat, logits_adv, y)
+    natural = masked_mean(q["nat_mi_clean"] - beta * q["nat_mi_adv"], selected)
+    adversarial = masked_mean(q["adv_mi_adv"] - beta * q["adv_mi_clean"], selected)
+    return -(natural + adversarial)
+
+
+def reference_objective(q, logits_nat, logits_adv, y):
+    """The published code's estimator objective (train_MI_estimator.py, MI_loss_nat + MI_loss_adv),
+    with its selection bug fixed. Over the correctly classified natural samples C, split into the
+    wrongly attacked W and the robust R:
+
+    E_n: W-part 5 |cos(I_N(x;h(x)), I_N(x;h(x~)))|_W - sum_W I_N(x;h(x)) / |C|
+         R-part 5 |1 - cos(...)|_R                   - sum_R I_N(x;h(x)) / |C|
+    E_a: W-part 5 |cos(I_A(n;h(x~)), I_A(n;h(x)))|_W - mean_W I_A(n;h(x~))
+         R-part 8 |1 - cos(...)|_R                   + 0.1 mean_R I_A(n;h(x~))
+    each total = W-part + 0.5 R-part; with no correct sample, -mean I_N(x;h(x)) and -mean I_A(n;h(x~)).
+    (The normalisation by |C| for E_n and by the subset size for E_a is the published code's.)
+    """
+    correct = logits_nat.argmax(dim=1) == y
+    if not correct.any():
+        return -(q["nat_mi_clean"].mean() + q["adv_mi_adv"].mean())
+    wrong = correct & (logits_adv.argmax(dim=1) != y)
+    robust = correct & ~wrong
+    n_correct = correct.sum()
+    loss = logits_nat.new_zeros(())
+    if wrong.any():
+        loss = loss + 5 * cosine(q["nat_mi_clean"], q["nat_mi_adv"], wrong).abs() - (q["nat_mi_clean"] * wrong).sum() / n_correct
+        loss = loss + 5 * cosine(q["adv_mi_adv"], q["adv_mi_clean"], wrong).abs() - masked_mean(q["adv_mi_adv"], wrong)
+    if robust.any():
+        loss = loss + 0.5 * (5 * (1 - cosine(q["nat_mi_clean"], q["nat_mi_adv"], robust)).abs()
+                             - (q["nat_mi_clean"] * robust).sum() / n_correct)
+        loss = loss + 0.5 * (8 * (1 - cosine(q["adv_mi_clean"], q["adv_mi_adv"], robust)).abs()
+                             + 0.1 * masked_mean(q["adv_mi_adv"], robust))
+    return loss
