@@ -11,7 +11,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from utils.cli import (ArgumentParser, add_data_args, add_runtime_args, add_threat_model_args, nonnegative_number)
+from utils.cli import ArgumentParser, nonnegative_number
 from utils.errors import run_main
 from utils.estimator_training import add_estimator_args, train_estimators
 from utils.mi import paper_objective, reference_objective
@@ -19,15 +19,11 @@ from utils.mi import paper_objective, reference_objective
 
 def build_parser():
     parser = ArgumentParser(description="Stage 2a: MI estimators trained with the paper's Eq. 5.")
-    add_estimator_args(parser, default_epochs=25)
+    add_estimator_args(parser, default_epochs=25, model_dir_hint="checkpoints/estimators_<loss>_<dataset>_<measure>_seed<seed>")
     group = parser.add_argument_group("objective")
     group.add_argument("--estimator-loss", choices=("paper", "reference"), default="paper",
                        help="paper: Eq. 5; reference: the published code's objective with cosine terms (SPEC section 5)")
     group.add_argument("--beta", type=nonnegative_number, default=1.0, help="weight of the subtracted MI in Eq. 5")
-    add_data_args(parser)
-    add_threat_model_args(parser, "threat model of the attack on the target (default: the target's)")
-    add_runtime_args(parser, "checkpoints/estimators_<loss>_<dataset>_<measure>_seed<seed>")
-    parser.set_defaults(dataset=None)
     return parser
 
 

@@ -10,7 +10,7 @@ Example:
 import sys
 from pathlib import Path
 
-from utils.cli import ArgumentParser, add_data_args, add_runtime_args, add_threat_model_args
+from utils.cli import ArgumentParser
 from utils.errors import run_main
 from utils.estimator_training import add_estimator_args, train_estimators
 from utils.mi import only_max_objective
@@ -18,11 +18,7 @@ from utils.mi import only_max_objective
 
 def build_parser():
     parser = ArgumentParser(description="Stage 2b: MI estimators trained by plain MI maximisation (Eq. 4).")
-    add_estimator_args(parser, default_epochs=50)
-    add_data_args(parser)
-    add_threat_model_args(parser, "threat model of the attack on the target (default: the target's)")
-    add_runtime_args(parser, "checkpoints/estimators_only-max_<dataset>_<measure>_seed<seed>")
-    parser.set_defaults(dataset=None)
+    add_estimator_args(parser, default_epochs=50, model_dir_hint="checkpoints/estimators_only-max_<dataset>_<measure>_seed<seed>")
     return parser
 
 

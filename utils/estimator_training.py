@@ -12,7 +12,8 @@ from tqdm import tqdm
 from models.estimators import build_estimators
 from utils.attacks import PGDConfig, pgd_attack
 from utils.checkpoint import atomic_write_json, load_checkpoint, load_state_dict_checked
-from utils.cli import positive_int, positive_number, resolve_dataset_defaults
+from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, positive_int, positive_number,
+                       resolve_dataset_defaults)
 from utils.data import load_splits, make_loader
 from utils.errors import UserError
 from utils.mi import MI_MEASURES, QUANTITIES, QUANTITY_LABELS, local_encodings, masked_mean, mi_quantities, select_misled
@@ -23,10 +24,12 @@ STAGE = "estimators"
 ESTIMATOR_FILE = "estimators.pt"
 
 
-def add_estimator_args(parser, default_epochs: int):
+def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
+    """Every stage-2 option except the objective: estimators, optimiser, data, threat model, runtime."""
     group = parser.add_argument_group("MI estimators (published code: Adam, lr 1e-2, divided by 10 at 40% and 80%)")
     group.add_argument("--target-model", required=True, help="stage-1 checkpoint (best.pt) of the frozen target")
-    group.add_argument("--hsize", type=positive_int, default=2048, help="feature size of the local/global encodings")
+    group.add_argument("--hsize", type=positive_int, default=None,
+                       help="feature size of the local/global encodings (default 2048, the paper's; 256 on MNIST-like data)")
     group.add_argument("--mi-measure", choices=MI_MEASURES, default="dv", help="Donsker-Varadhan, Jensen-Shannon or InfoNCE")
     group.add_argument("--epochs", type=positive_int, default=default_epochs)
     group.add_argument("--batch-size", type=positive_int, default=None, help="default: the dataset's (1024 colour, 128 MNIST-like)")
@@ -34,7 +37,10 @@ def add_estimator_args(parser, default_epochs: int):
     group.add_argument("--milestones", type=positive_int, nargs="*", default=None,
                        help="epochs where the lr is divided by 10 (default: 40%% and 80%% of --epochs)")
     group.add_argument("--lr-gamma", type=positive_number, default=0.1)
-    return group
+    add_data_args(parser)
+    add_threat_model_args(parser, "threat model of the attack on the target (default: the target's)")
+    add_runtime_args(parser, model_dir_hint)
+    parser.set_defaults(dataset=None)  # the target's
 
 
 def resolve_against_target(args, target_checkpoint: dict):

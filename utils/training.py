@@ -22,8 +22,10 @@ from models import build_model
 from utils.attacks import PGDConfig, frozen_eval, pgd_attack
 from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, atomic_write_text,
                               load_checkpoint, load_state_dict_checked)
+from utils.data import load_splits, make_loader
 from utils.errors import UserError
-from utils.runtime import autocast, capture_rng_state, git_commit, package_versions, restore_rng_state
+from utils.runtime import (attack_generator, autocast, capture_rng_state, git_commit, package_versions,
+                           resolve_device, restore_rng_state, seed_everything)
 
 # Flags that may change when a run is resumed: they do not change what the finished run computes
 # (the lr schedule is a pure function of the epoch, and evaluation draws from its own random stream).
@@ -348,3 +350,42 @@ def evaluate(model, loader, attack: PGDConfig, device, seed: int, amp=False, des
         count += y.shape[0]
         bar.set_postfix(clean=f"{clean / count:.3f}", pgd=f"{robust / count:.3f}")
     return {"clean_acc": clean / count, "pgd_acc": robust / count}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole of a target-model training run (stage 1 and stage 3 differ only in their step)
+
+def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None):
+    """Train a fresh target model with adversarial training; make_step(model, schedule, generator)
+    returns the per-batch step function of train_epoch. Validation PGD accuracy selects best.pt."""
+    device = resolve_device(args.device)
+    run_dir = RunDirectory(args.model_dir, resume=args.resume)
+    seed_everything(args.seed)
+    splits = load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
+                         test_limit=args.test_limit, seed=args.seed)
+    spec = model_spec_from_args(args, splits.info)
+    model = model_from_spec(spec).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    generator = attack_generator(args.seed, device)
+    train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
+    eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
+
+    run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata)
+    if not args.resume:
+        run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
+                                                         "eval_attack": vars(eval_attack), **(metadata or {})})
+
+    def run_epoch(epoch):
+        loader = make_loader(splits.train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                             epoch=epoch, device=device)
+        schedule = training_attack_schedule(train_attack, epoch, len(loader), args.warmup_epochs, args.eps_ramp_epochs)
+        row = train_epoch(model, loader, optimizer, make_step(model, schedule, generator), device, epoch, run_dir,
+                          amp=args.amp)
+        for name, split in (("val", splits.val), ("test", splits.test)):
+            loader = make_loader(split, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
+                                 device=device)
+            result = evaluate(model, loader, eval_attack, device, seed=args.seed + 1000 * epoch, amp=args.amp, desc=name)
+            row[f"{name}_clean_acc"], row[f"{name}_pgd_acc"] = result["clean_acc"], result["pgd_acc"]
+        return row
+
+    return run.fit(run_epoch)

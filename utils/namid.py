@@ -1,0 +1,64 @@
+"""The stage-3 MI losses (SPEC section 6): NAMID's L_mi (paper Eq. 8 and 9) and the WMIM baseline.
+
+    L_mi = Lcos(I_N(x'; h(x~')), I_N(x'; h(x')))          natural-MI term   (--no-nat-mi drops it)
+         + Lcos(I_A(n'; h(x~')), I_A(n'; h(x')))          adversarial-MI term (--no-adv-mi drops it)
+         + lambda * mean_{X'} [I_A(n'; h(x~')) - I_N(x'; h(x~'))]   (--lambda 0 drops it)
+
+Lcos(a, b) = 1 - cos(a, b) over the vectors of per-sample estimates on the selected set X' (the paper
+writes a per-sample scalar form, which is degenerate). An empty X' contributes exactly zero.
+"""
+import torch
+
+from utils.mi import cosine, masked_mean, mi_estimate, mi_quantities, select_misled
+
+MI_MODES = ("namid", "wmim")
+
+
+def cosine_distance(a, b, mask):
+    """1 - cos(a[mask], b[mask]); 0 when the mask is empty."""
+    if not mask.any():
+        return a.new_zeros(())
+    return 1 - cosine(a, b, mask)
+
+
+def needed_quantities(use_nat: bool, use_adv: bool, lam: float) -> tuple:
+    """The per-sample MI quantities the enabled terms need (the others are not computed)."""
+    needed = set()
+    if use_nat:
+        needed |= {"nat_mi_adv", "nat_mi_clean"}
+    if use_adv:
+        needed |= {"adv_mi_adv", "adv_mi_clean"}
+    if lam != 0:
+        needed |= {"adv_mi_adv", "nat_mi_adv"}
+    return tuple(sorted(needed))
+
+
+def namid_mi_loss(q: dict, selected, lam: float, use_nat=True, use_adv=True):
+    """L_mi and its three raw terms from the per-sample quantities q (over the batch) and the X' mask."""
+    zero = next(iter(q.values())).new_zeros(()) if q else selected.new_zeros((), dtype=torch.float)
+    nat = cosine_distance(q["nat_mi_adv"], q["nat_mi_clean"], selected) if use_nat else zero
+    adv = cosine_distance(q["adv_mi_adv"], q["adv_mi_clean"], selected) if use_adv else zero
+    gap = masked_mean(q["adv_mi_adv"] - q["nat_mi_adv"], selected) if lam != 0 else zero
+    loss = nat + adv + lam * gap
+    terms = {"mi_nat_cos": nat.detach(), "mi_adv_cos": adv.detach(), "mi_gap": gap.detach()}
+    return loss, terms
+
+
+def namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam, use_nat, use_adv):
+    """Selection (Eq. 6) and L_mi for one batch; local encodings were computed under no_grad."""
+    selected = select_misled(logits_nat.detach(), logits_adv.detach(), y)
+    which = needed_quantities(use_nat, use_adv, lam)
+    if not selected.any() or not which:
+        loss, terms = namid_mi_loss({}, selected, 0.0, False, False)
+    else:
+        q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure, which=which)
+        loss, terms = namid_mi_loss(q, selected, lam, use_nat, use_adv)
+    terms["selected"] = selected.sum().float()
+    return loss, terms
+
+
+def wmim_mi_loss(natural_estimator, local_adv_image, logits_adv, measure):
+    """WMIM (after Zhu et al. 2020): -mean over the batch of I(x~; h(x~)), with the natural estimator
+    applied to the adversarial image itself (no disentanglement of natural and adversarial MI)."""
+    mi = mi_estimate(natural_estimator, local_adv_image, logits_adv, measure)
+    return -mi.mean(), {"mi_wmim": mi.mean().detach()}
