@@ -106,3 +106,24 @@ def tiny_target(fmnist_dir, tmp_path_factory):
                          "--num-steps", "3", "--eval-steps", "3", "--warmup-epochs", "0", "--eps-ramp-epochs", "0",
                          "--lr", "0.05", "--device", "cpu", "--model-dir", str(model_dir)])
     return model_dir / "best.pt"
+
+
+def _tiny_estimators(fmnist_dir, tiny_target, model_dir, module):
+    module.main(["--target-model", str(tiny_target), "--data-dir", str(fmnist_dir), "--train-limit", "200",
+                 "--val-size", "100", "--test-limit", "100", "--batch-size", "50", "--hsize", "32", "--num-steps", "2",
+                 "--epochs", "1", "--device", "cpu", "--model-dir", str(model_dir)])
+    return model_dir / "estimators.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_estimators(fmnist_dir, tiny_target, tmp_path_factory):
+    """estimators.pt of a 1-epoch train_MI_estimator.py run (hsize 32) on the tiny target."""
+    import train_MI_estimator
+    return _tiny_estimators(fmnist_dir, tiny_target, tmp_path_factory.mktemp("estimators") / "run", train_MI_estimator)
+
+
+@pytest.fixture(scope="session")
+def tiny_only_max_estimators(fmnist_dir, tiny_target, tmp_path_factory):
+    import train_MI_estimator_only_max
+    return _tiny_estimators(fmnist_dir, tiny_target, tmp_path_factory.mktemp("only_max") / "run",
+                            train_MI_estimator_only_max)

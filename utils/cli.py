@@ -10,14 +10,14 @@ from utils.data import DATASETS
 # Settings of the paper (SPEC section 2) for colour data; MNIST-like data trains a SmallCNN instead.
 # A flag left at None on the command line takes its value from the dataset's row here.
 PAPER_DEFAULTS = dict(arch="resnet18", epochs=100, batch_size=1024, lr=0.1, weight_decay=2e-4,
-                      warmup_epochs=0, eps_ramp_epochs=0, hsize=2048)
+                      warmup_epochs=0, eps_ramp_epochs=0, hsize=2048, num_steps=10)
 # SmallCNN adversarial training from scratch on MNIST-like data sits at chance for a long time and
 # can collapse under momentum SGD at lr 0.05 (SPEC section 9): a clean warm-up epoch followed by
 # an epsilon ramp trains reliably (measured in bench/results/, see README).
 # The MI estimators of MNIST-like data are narrower (hsize 256): at the paper's 2048 an estimator
 # step costs several times the PGD attack on a SmallCNN (bench/results/estimator_step.json).
 MNIST_LIKE_DEFAULTS = dict(arch="small-cnn", epochs=20, batch_size=128, lr=0.05, weight_decay=2e-4,
-                           warmup_epochs=1, eps_ramp_epochs=3, hsize=256)
+                           warmup_epochs=1, eps_ramp_epochs=3, hsize=256, num_steps=10)
 DATASET_DEFAULTS = {name: (MNIST_LIKE_DEFAULTS if name in ("mnist", "fashion-mnist") else PAPER_DEFAULTS)
                     for name in DATASETS}
 
@@ -111,7 +111,7 @@ def add_threat_model_args(parser, title="threat model and training attack (paper
     group.add_argument("--epsilon", type=positive_number, default=None,
                        help="budget in [0,1] pixel units, fractions accepted (default: 8/255 colour, "
                             "0.3 mnist, 0.1 fashion-mnist under linf; 0.5 colour under l2)")
-    group.add_argument("--num-steps", type=positive_int, default=10, help="PGD steps of the training attack")
+    group.add_argument("--num-steps", type=positive_int, default=None, help="PGD steps of the training attack (default 10)")
     group.add_argument("--step-size", type=positive_number, default=None, help="default epsilon / 4")
     return group
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -485,18 +485,29 @@ def load_splits(name: str, data_dir, *, val_size: int = 1000, train_limit: int |
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int = 0, seed: int = 0,
-                epoch: int = 0, device=None) -> DataLoader:
+                epoch: int = 0, device=None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader whose batch order and worker seeds are a pure function of (seed, epoch).
 
     Build a new loader each epoch: a resumed run then sees the same batches as an uninterrupted one.
     With workers=0, random augmentation draws from the global torch RNG instead of per-worker seeds,
     so its reproducibility on resume depends on the caller restoring that RNG state.
+    With world_size > 1 (torchrun) each process reads its shard: a DistributedSampler when shuffling
+    (padded so that every process runs the same number of steps), every world_size-th item otherwise
+    (no padding, so that evaluation counts every test image exactly once).
     """
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    sampler = None
+    if world_size > 1 and shuffle and len(dataset) > 0:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed * 100003)
+        sampler.set_epoch(epoch)
+        shuffle = False
+    elif world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and len(dataset) > 0,  # RandomSampler refuses an empty dataset (e.g. val_size=0)
+        sampler=sampler,
         num_workers=workers,
         generator=generator,
         pin_memory=device is not None and torch.device(device).type == "cuda",

@@ -54,6 +54,8 @@ def resolve_against_target(args, target_checkpoint: dict):
         args.norm = config.get("norm", "linf")
     if args.epsilon is None and config.get("norm") == args.norm:
         args.epsilon = config.get("epsilon")
+    if args.num_steps is None:
+        args.num_steps = config.get("num_steps")
     if args.milestones is None:
         args.milestones = sorted({max(1, round(0.4 * args.epochs)), max(1, round(0.8 * args.epochs))})
     resolve_dataset_defaults(args)

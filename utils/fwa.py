@@ -52,8 +52,8 @@ class FWAConfig:
     num_steps: int = 40
     kernel_size: int = 5
     entropy: float = 1e-3        # gamma of the entropic regularisation (gradients are scaled to max 1)
-    dual_steps: int = 30         # bisection steps on the dual variable
-    repair_rounds: int = 20      # capacity-repair rounds before the conservative fallback
+    dual_steps: int = 20         # bisection steps on the dual variable (bracket width 2^-20 * ~2)
+    repair_rounds: int = 50      # capacity-repair rounds before the conservative fallback (~15-25 suffice)
 
     def __post_init__(self):
         if not self.radius > 0 or not self.entropy > 0:
@@ -106,6 +106,11 @@ class LocalTransport:
         return plan.sum(dim=2).reshape(b, c, self.height, self.width)
 
 
+# Overflow below this is float rounding (scaling by 1 - 1e-7 / incoming can round to 1 and never
+# converge); the attack's final clamp to [0, 1] removes it.
+_ROUNDING = 1e-6
+
+
 def transport_budget(x, radius: float):
     """The per-example cost budget: radius times the image's total mass."""
     return radius * x.flatten(1).sum(dim=1)
@@ -132,23 +137,24 @@ def linear_minimisation_oracle(gradient, x, geometry: LocalTransport, budget, co
     """
     b = x.shape[0]
     rows = x.reshape(b, x.shape[1], 1, -1)
+    scaled = (gradient / config.entropy).masked_fill(~geometry.valid, float("-inf"))
+    scaled_cost = geometry.cost / config.entropy
 
-    def plan_at(lam):
-        logits = (gradient - lam.view(-1, 1, 1, 1) * geometry.cost) / config.entropy
-        logits = logits.masked_fill(~geometry.valid, float("-inf"))
-        return rows * torch.softmax(logits, dim=2)
+    def weights_at(lam):  # per row, the softmax over the window
+        return torch.softmax(scaled - lam.view(-1, 1, 1, 1) * scaled_cost, dim=2)
 
-    def feasible(lam):
-        return geometry.cost_of(plan_at(lam)) <= budget
+    def cost_at(lam):
+        return (rows * (weights_at(lam) * geometry.cost).sum(dim=2, keepdim=True)).sum(dim=(1, 2, 3))
 
     low = x.new_zeros(b)
-    high = torch.where(feasible(low), low, x.new_full((b,), _dual_upper_bound(geometry, config.radius, config.entropy)))
+    high = torch.where(cost_at(low) <= budget, low,
+                       x.new_full((b,), _dual_upper_bound(geometry, config.radius, config.entropy)))
     for _ in range(config.dual_steps):
         middle = (low + high) / 2
-        ok = feasible(middle)
+        ok = cost_at(middle) <= budget
         high = torch.where(ok, middle, high)
         low = torch.where(ok, low, middle)
-    plan = plan_at(high)
+    plan = rows * weights_at(high)
     ok = (geometry.cost_of(plan) <= budget).view(-1, 1, 1, 1)
     return torch.where(ok, plan, geometry.identity_plan(x))
 
@@ -157,7 +163,6 @@ def _scale_incoming(plan, keep, geometry: LocalTransport):
     """Scale the mass moving into every pixel j by keep[j] and leave the rest at its source."""
     factor = geometry.gather(keep)
     factor[:, :, geometry.centre] = 1.0  # mass that stays put is never scaled
-    factor = factor.masked_fill(~geometry.valid, 1.0)
     kept = plan * factor
     returned = (plan - kept).sum(dim=2)
     kept[:, :, geometry.centre] += returned
@@ -175,13 +180,13 @@ def capacity_repair(plan, x, geometry: LocalTransport, rounds: int):
     for _ in range(rounds):
         image = geometry.image_of(plan)
         excess = (image - 1).clamp_min(0)
-        if not bool((excess > 0).any()):
+        if not bool((excess > _ROUNDING).any()):
             return plan
         incoming = image - plan[:, :, geometry.centre].reshape(image.shape)
         keep = torch.where(incoming > 0, 1 - excess / incoming.clamp_min(1e-30), torch.ones_like(incoming))
         plan = _scale_incoming(plan, keep.clamp(0, 1), geometry)
     image = geometry.image_of(plan)
-    overflowing = (image > 1).flatten(1).any(dim=1)
+    overflowing = (image > 1 + _ROUNDING).flatten(1).any(dim=1)
     if not bool(overflowing.any()):
         return plan
     incoming = image - plan[:, :, geometry.centre].reshape(image.shape)

@@ -8,8 +8,11 @@ Lcos(a, b) = 1 - cos(a, b) over the vectors of per-sample estimates on the selec
 writes a per-sample scalar form, which is degenerate). An empty X' contributes exactly zero.
 """
 import torch
+import torch.nn.functional as F
 
-from utils.mi import cosine, masked_mean, mi_estimate, mi_quantities, select_misled
+from utils import distributed
+from utils.attacks import pgd_attack
+from utils.mi import cosine, local_encodings, masked_mean, mi_estimate, mi_quantities, select_misled
 
 MI_MODES = ("namid", "wmim")
 
@@ -62,3 +65,37 @@ def wmim_mi_loss(natural_estimator, local_adv_image, logits_adv, measure):
     applied to the adversarial image itself (no disentanglement of natural and adversarial MI)."""
     mi = mi_estimate(natural_estimator, local_adv_image, logits_adv, measure)
     return -mi.mean(), {"mi_wmim": mi.mean().detach()}
+
+
+def make_namid_step(model, estimators, objective, schedule, generator, *, beta, alpha, lam, measure,
+                    mi_mode="namid", use_nat=True, use_adv=True):
+    """The stage-3 step: L_all = L_base + alpha * L_mi.
+
+    Per step the target runs forward once on x and once on x~ (after the attack); those logits feed the
+    Eq. 6 selection, the base loss and every MI term. The estimators are frozen (eval mode, no parameter
+    gradients), and their local encodings, which do not depend on theta, are computed once under no_grad.
+    The published code ran 7 target forwards per step (SPEC section 8).
+    """
+    def step(x, y, index):
+        config = schedule(index)
+        if config is None:  # clean warm-up epoch: no attack, no MI term
+            model.train()
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits, None, {}
+        x_adv = pgd_attack(distributed.unwrap(model), x, y, config, generator)
+        with torch.no_grad():
+            if mi_mode == "namid":
+                local_nat, local_adv = local_encodings(estimators, x, x_adv)
+            else:
+                local_adv_image = estimators["natural"].encode_local(x_adv)
+        model.train()
+        logits_nat, logits_adv = model(x), model(x_adv)
+        base = objective.loss(logits_nat, logits_adv, y, beta)
+        if mi_mode == "namid":
+            mi, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam,
+                                      use_nat, use_adv)
+        else:
+            mi, terms = wmim_mi_loss(estimators["natural"], local_adv_image, logits_adv, measure)
+        extras = {"base_loss": base.detach(), "mi_loss": mi.detach(), **terms}
+        return base + alpha * mi, logits_nat, logits_adv, extras
+    return step

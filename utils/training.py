@@ -22,10 +22,11 @@ from models import build_model
 from utils.attacks import PGDConfig, frozen_eval, pgd_attack
 from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, atomic_write_text,
                               load_checkpoint, load_state_dict_checked)
+from utils import distributed
 from utils.data import load_splits, make_loader
 from utils.errors import UserError
 from utils.runtime import (attack_generator, autocast, capture_rng_state, git_commit, package_versions,
-                           resolve_device, restore_rng_state, seed_everything)
+                           restore_rng_state, seed_everything)
 
 # Flags that may change when a run is resumed: they do not change what the finished run computes
 # (the lr schedule is a pure function of the epoch, and evaluation draws from its own random stream).
@@ -180,9 +181,12 @@ class TrainingRun:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as error:
             raise UserError(f"--resume: optimizer state in {self.run_dir.last} does not fit ({error})") from None
-        restore_rng_state(checkpoint["rng"], self.generator)
         self.history, self.best, self.start_epoch = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
-        tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
+        if distributed.is_main():
+            restore_rng_state(checkpoint["rng"], self.generator)
+            tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
+        else:  # the checkpoint holds rank 0's streams; the other processes draw fresh ones per epoch
+            seed_process(self.args.seed, self.start_epoch, self.generator)
 
     def _selection_value(self, row):
         value = row.get(self.select_key)
@@ -196,8 +200,12 @@ class TrainingRun:
 
     def _save(self, epoch: int, row: dict):
         value = self._selection_value(row)
-        if self._is_better(value):
+        improved = self._is_better(value)
+        if improved:
             self.best = {"epoch": epoch, "key": self.select_key, "value": value}
+        if not distributed.is_main():
+            return
+        if improved:
             atomic_torch_save({**self._base_record(), "epoch": epoch, "metrics": row}, self.run_dir.best)
         atomic_torch_save({**self._base_record(), "epoch": epoch, "optimizer": self.optimizer.state_dict(),
                            "scheduler": {"kind": "step", "base_lr": self.args.lr, "milestones": list(self.args.milestones),
@@ -207,7 +215,7 @@ class TrainingRun:
         self.run_dir.write_metrics(self.history)
 
     def _log_tensorboard(self, row):
-        if not self.args.tensorboard:
+        if not self.args.tensorboard or not distributed.is_main():
             return
         if self.writer is None:
             try:
@@ -225,7 +233,8 @@ class TrainingRun:
         if self.args.resume:
             self.resume()
         if self.start_epoch >= self.args.epochs:
-            tqdm.write(f"{self.run_dir.path} already finished {self.start_epoch} epochs; nothing to do")
+            if distributed.is_main():
+                tqdm.write(f"{self.run_dir.path} already finished {self.start_epoch} epochs; nothing to do")
             return self.history
         for epoch in range(self.start_epoch, self.args.epochs):
             lr = step_lr(self.args.lr, self.args.milestones, self.args.lr_gamma, epoch)
@@ -234,12 +243,15 @@ class TrainingRun:
             row = {"epoch": epoch + 1, "lr": lr, **run_epoch(epoch), "seconds": round(time.perf_counter() - started, 2)}
             self.history.append(row)
             self._save(epoch + 1, row)
+            distributed.barrier()
             self._log_tensorboard(row)
-            tqdm.write(summarise(row))
+            if distributed.is_main():
+                tqdm.write(summarise(row))
         if self.writer is not None:
             self.writer.close()
         best = self.best or {}
-        tqdm.write(f"done: best epoch {best.get('epoch')} ({self.select_key} {best.get('value')}); files in {self.run_dir.path}")
+        if distributed.is_main():
+            tqdm.write(f"done: best epoch {best.get('epoch')} ({self.select_key} {best.get('value')}); files in {self.run_dir.path}")
         return self.history
 
 
@@ -255,8 +267,9 @@ def summarise(row: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # One epoch of training, and evaluation
 
-def check_finite(loss, epoch: int, batch: int, last_good: Path):
-    if not torch.isfinite(loss):
+def check_finite(loss, epoch: int, batch: int, last_good: Path, device):
+    """Stop (every process together) when the loss is NaN or infinite; the last checkpoint stays as it is."""
+    if distributed.any_process(not torch.isfinite(loss).item(), device):
         raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}; stopped. "
                             f"{last_good} (the last completed epoch) is intact; lower --lr or add --warmup-epochs")
 
@@ -265,33 +278,38 @@ def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: 
     """Train one epoch; step_fn(x, y, batch_index) -> (loss, logits_nat or None, logits_adv or None, extras dict).
 
     Returns the example-weighted means of the loss and of every extra, and the clean and adversarial
-    accuracies on the training batches (clean from an extra no-grad eval forward when the step has none).
+    accuracies on the training batches (clean from an extra no-grad eval forward when the step has none),
+    summed over all processes under torchrun.
     """
-    totals, count, clean_correct, adv_correct, adv_count = {}, 0, 0, 0, 0
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, dynamic_ncols=True)
+    plain = distributed.unwrap(model)
+    sums = {"count": 0.0, "clean_correct": 0.0, "adv_correct": 0.0, "adv_count": 0.0}
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for index, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             loss, logits_nat, logits_adv, extras = step_fn(x, y, index)
-        check_finite(loss.detach(), epoch, index, run_dir.last)
+        check_finite(loss.detach(), epoch, index, run_dir.last, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if logits_nat is None:
-            with torch.no_grad(), frozen_eval(model), autocast(device, amp):
-                logits_nat = model(x)
+            with torch.no_grad(), frozen_eval(plain), autocast(device, amp):
+                logits_nat = plain(x)
         n = y.shape[0]
-        count += n
-        clean_correct += (logits_nat.detach().argmax(1) == y).sum().item()
+        sums["count"] += n
+        sums["clean_correct"] += (logits_nat.detach().argmax(1) == y).sum().item()
         if logits_adv is not None:
-            adv_correct += (logits_adv.detach().argmax(1) == y).sum().item()
-            adv_count += n
+            sums["adv_correct"] += (logits_adv.detach().argmax(1) == y).sum().item()
+            sums["adv_count"] += n
         for key, value in {"train_loss": loss.detach(), **extras}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * n
-        bar.set_postfix(loss=f"{totals['train_loss'] / count:.3f}", clean=f"{clean_correct / count:.3f}",
-                        adv=f"{adv_correct / adv_count:.3f}" if adv_count else "-")
-    stats = {key: value / max(count, 1) for key, value in totals.items()}
-    stats["train_clean_acc"] = clean_correct / max(count, 1)
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        bar.set_postfix(loss=f"{sums['train_loss'] / sums['count']:.3f}", clean=f"{sums['clean_correct'] / sums['count']:.3f}",
+                        adv=f"{sums['adv_correct'] / sums['adv_count']:.3f}" if sums["adv_count"] else "-")
+    sums = distributed.sum_across_processes(sums, device)
+    count = max(sums.pop("count"), 1)
+    clean_correct, adv_correct, adv_count = sums.pop("clean_correct"), sums.pop("adv_correct"), sums.pop("adv_count")
+    stats = {key: value / count for key, value in sums.items()}
+    stats["train_clean_acc"] = clean_correct / count
     stats["train_adv_acc"] = adv_correct / adv_count if adv_count else float("nan")
     return stats
 
@@ -307,7 +325,7 @@ def make_adversarial_step(model, objective, attack_schedule, beta, generator):
             model.train()
             logits = model(x)
             return F.cross_entropy(logits, y), logits, None, {}
-        x_adv = pgd_attack(model, x, y, config, generator)
+        x_adv = pgd_attack(distributed.unwrap(model), x, y, config, generator)
         model.train()
         logits_nat = model(x) if objective.needs_clean_logits else None
         logits_adv = model(x_adv)
@@ -331,61 +349,93 @@ def training_attack_schedule(base: PGDConfig, epoch: int, batches_per_epoch: int
 
 
 def evaluate(model, loader, attack: PGDConfig, device, seed: int, amp=False, desc="eval") -> dict:
-    """Clean and PGD accuracy over a loader. The attack draws from its own generator seeded by `seed`,
-    so evaluation is reproducible and never touches the training run's random streams."""
-    if len(loader.dataset) == 0:
-        return {"clean_acc": float("nan"), "pgd_acc": float("nan")}
+    """Clean and PGD accuracy over a loader (summed over the processes' shards under torchrun). The attack
+    draws from its own generator seeded by `seed`, so evaluation is reproducible and never touches the
+    training run's random streams."""
+    model = distributed.unwrap(model)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    clean, robust, count = 0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    generator.manual_seed(seed + 7907 * distributed.rank())
+    sums = {"clean": 0.0, "robust": 0.0, "count": 0.0}
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             with torch.no_grad(), frozen_eval(model):
-                clean += (model(x).argmax(1) == y).sum().item()
+                sums["clean"] += (model(x).argmax(1) == y).sum().item()
             x_adv = pgd_attack(model, x, y, attack, generator)
             with torch.no_grad(), frozen_eval(model):
-                robust += (model(x_adv).argmax(1) == y).sum().item()
-        count += y.shape[0]
-        bar.set_postfix(clean=f"{clean / count:.3f}", pgd=f"{robust / count:.3f}")
-    return {"clean_acc": clean / count, "pgd_acc": robust / count}
+                sums["robust"] += (model(x_adv).argmax(1) == y).sum().item()
+        sums["count"] += y.shape[0]
+        bar.set_postfix(clean=f"{sums['clean'] / sums['count']:.3f}", pgd=f"{sums['robust'] / sums['count']:.3f}")
+    sums = distributed.sum_across_processes(sums, device)
+    if sums["count"] == 0:
+        return {"clean_acc": float("nan"), "pgd_acc": float("nan")}
+    return {"clean_acc": sums["clean"] / sums["count"], "pgd_acc": sums["robust"] / sums["count"]}
+
+
+def seed_process(seed: int, epoch: int, generator: torch.Generator):
+    """Fresh random streams for a non-zero rank under torchrun (distinct per rank, reproducible per epoch)."""
+    offset = 7907 * distributed.rank() + 104729 * epoch
+    seed_everything(seed + offset)
+    generator.manual_seed(seed + 7919 + offset)
 
 
 # ----------------------------------------------------------------------------------------------
 # The whole of a target-model training run (stage 1 and stage 3 differ only in their step)
 
+def load_splits_rank_zero_first(args):
+    """The data splits; under torchrun rank 0 downloads or unpacks the files while the others wait."""
+    def load():
+        return load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
+                           test_limit=args.test_limit, seed=args.seed)
+    if distributed.is_main():
+        splits = load()
+        distributed.barrier()
+        return splits
+    distributed.barrier()
+    return load()
+
+
 def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None):
     """Train a fresh target model with adversarial training; make_step(model, schedule, generator)
     returns the per-batch step function of train_epoch. Validation PGD accuracy selects best.pt."""
-    device = resolve_device(args.device)
+    device = distributed.setup(args.device)
+    batch_size = distributed.per_process_batch(args.batch_size)
+    eval_batch_size = max(1, args.eval_batch_size // distributed.world_size())
+    shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     run_dir = RunDirectory(args.model_dir, resume=args.resume)
     seed_everything(args.seed)
-    splits = load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
-                         test_limit=args.test_limit, seed=args.seed)
+    splits = load_splits_rank_zero_first(args)
     spec = model_spec_from_args(args, splits.info)
     model = model_from_spec(spec).to(device)
+    trained = distributed.wrap(model, device)  # DistributedDataParallel under torchrun; broadcasts rank 0's init
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     generator = attack_generator(args.seed, device)
+    if not distributed.is_main():
+        seed_process(args.seed, 0, generator)
     train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
     eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
 
     run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata)
-    if not args.resume:
+    if not args.resume and distributed.is_main():
         run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
-                                                         "eval_attack": vars(eval_attack), **(metadata or {})})
+                                                         "eval_attack": vars(eval_attack), "processes": distributed.world_size(),
+                                                         **(metadata or {})})
 
     def run_epoch(epoch):
-        loader = make_loader(splits.train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
-                             epoch=epoch, device=device)
+        loader = make_loader(splits.train, batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                             epoch=epoch, device=device, **shard)
         schedule = training_attack_schedule(train_attack, epoch, len(loader), args.warmup_epochs, args.eps_ramp_epochs)
-        row = train_epoch(model, loader, optimizer, make_step(model, schedule, generator), device, epoch, run_dir,
+        row = train_epoch(trained, loader, optimizer, make_step(trained, schedule, generator), device, epoch, run_dir,
                           amp=args.amp)
         for name, split in (("val", splits.val), ("test", splits.test)):
-            loader = make_loader(split, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
-                                 device=device)
+            loader = make_loader(split, eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
+                                 device=device, **shard)
             result = evaluate(model, loader, eval_attack, device, seed=args.seed + 1000 * epoch, amp=args.amp, desc=name)
             row[f"{name}_clean_acc"], row[f"{name}_pgd_acc"] = result["clean_acc"], result["pgd_acc"]
         return row
 
-    return run.fit(run_epoch)
+    try:
+        return run.fit(run_epoch)
+    finally:
+        distributed.cleanup()

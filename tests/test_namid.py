@@ -1,0 +1,205 @@
+"""Stage 3: the NAMID loss by hand, its gradients and ablations, the step's cost rule, and train_MIAT.py end to end."""
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_MIAT
+from models import build_model
+from models.estimators import build_estimators
+from tests.conftest import REPO
+from utils.attacks import PGDConfig
+from utils.losses import OBJECTIVES
+from utils.namid import make_namid_step, namid_mi_loss, namid_step_mi, wmim_mi_loss
+
+Q = {"nat_mi_clean": torch.tensor([1.0, 2.0, 3.0, 4.0]), "nat_mi_adv": torch.tensor([0.5, 1.0, -1.0, 2.0]),
+     "adv_mi_adv": torch.tensor([2.0, 0.0, 1.0, 1.0]), "adv_mi_clean": torch.tensor([1.0, 1.0, 0.5, 3.0])}
+SELECTED = torch.tensor([True, False, True, True])
+
+
+def hand_cosine(a, b):
+    return sum(u * v for u, v in zip(a, b)) / math.sqrt(sum(u * u for u in a) * sum(v * v for v in b))
+
+
+def test_namid_loss_by_hand():
+    pick = lambda name: [Q[name][i].item() for i in (0, 2, 3)]
+    nat = 1 - hand_cosine(pick("nat_mi_adv"), pick("nat_mi_clean"))
+    adv = 1 - hand_cosine(pick("adv_mi_adv"), pick("adv_mi_clean"))
+    gap = sum(a - n for a, n in zip(pick("adv_mi_adv"), pick("nat_mi_adv"))) / 3
+    loss, terms = namid_mi_loss(Q, SELECTED, lam=0.1)
+    assert loss.item() == pytest.approx(nat + adv + 0.1 * gap, rel=1e-6)
+    assert terms["mi_nat_cos"].item() == pytest.approx(nat, rel=1e-6)
+    assert terms["mi_adv_cos"].item() == pytest.approx(adv, rel=1e-6)
+    assert terms["mi_gap"].item() == pytest.approx(gap, rel=1e-6)
+
+
+def test_empty_selection_contributes_zero_not_nan():
+    loss, terms = namid_mi_loss(Q, torch.zeros(4, dtype=torch.bool), lam=0.1)
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in terms.values())
+
+
+@pytest.mark.parametrize("switch", ["no_nat", "no_adv", "lambda0"])
+def test_each_ablation_removes_exactly_its_term(switch):
+    full, terms = namid_mi_loss(Q, SELECTED, lam=0.1)
+    kwargs = {"lam": 0.0 if switch == "lambda0" else 0.1, "use_nat": switch != "no_nat", "use_adv": switch != "no_adv"}
+    ablated, _ = namid_mi_loss(Q, SELECTED, **kwargs)
+    removed = {"no_nat": terms["mi_nat_cos"], "no_adv": terms["mi_adv_cos"], "lambda0": 0.1 * terms["mi_gap"]}[switch]
+    assert ablated.item() == pytest.approx(full.item() - removed.item(), rel=1e-6)
+    assert removed.item() != 0
+
+
+def small_setup(hsize=16, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("small-cnn", 10, 1, 28, (0.5,), (0.5,))
+    with torch.no_grad():  # SmallCNN's last layer starts at zero (TRADES init): give it some signal
+        model.net.classifier.fc3.weight.normal_(0, 0.1)
+    estimators = build_estimators(1, 10, hsize).eval().requires_grad_(False)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    return model, estimators, x, y
+
+
+def test_gradient_reaches_the_target_and_not_the_estimators():
+    model, estimators, x, y = small_setup()
+    logits_nat, logits_adv = model(x), model((x + 0.1).clamp(0, 1))
+    local_nat, local_adv = (e.encode_local(u) for e, u in ((estimators["natural"], x), (estimators["adversarial"], x * 0)))
+    # a selection where every sample counts: labels equal the clean prediction, adversarial labels differ
+    y = logits_nat.argmax(1)
+    logits_adv = logits_adv + 100 * torch.nn.functional.one_hot((y + 1) % 10, 10)
+    loss, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, "dv", 0.1, True, True)
+    assert terms["selected"].item() == 16
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in estimators.parameters())
+
+
+@pytest.mark.parametrize("base_loss", ["at", "trades", "mart"])
+def test_step_runs_the_target_forward_exactly_twice_and_uses_the_base_loss(base_loss, monkeypatch):
+    model, estimators, x, y = small_setup()
+    calls, configs = [], []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(module.training))
+    import utils.namid as namid_module
+    original = namid_module.pgd_attack
+    def spy(m, xx, yy, config, generator):
+        configs.append(config)
+        return original(m, xx, yy, config, generator)
+    monkeypatch.setattr(namid_module, "pgd_attack", spy)
+    objective = OBJECTIVES[base_loss]
+    attack = objective.training_attack(PGDConfig("linf", 0.1, 0.025, 3))
+    step = make_namid_step(model, estimators, objective, lambda index: attack, torch.Generator().manual_seed(0),
+                           beta=6.0, alpha=5.0, lam=0.1, measure="dv")
+    loss, logits_nat, logits_adv, extras = step(x, y, 0)
+    assert calls.count(True) == 2, f"train-mode forwards: {calls.count(True)}"
+    assert configs[0].loss == {"at": "ce", "trades": "kl", "mart": "ce"}[base_loss]
+    expected_base = objective.loss(logits_nat, logits_adv, y, 6.0)
+    assert extras["base_loss"].item() == pytest.approx(expected_base.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected_base.item() + 5.0 * extras["mi_loss"].item(), rel=1e-5)
+
+
+def test_wmim_maximises_the_standard_mi_of_adversarials():
+    model, estimators, x, y = small_setup()
+    logits = model(x)
+    loss, terms = wmim_mi_loss(estimators["natural"], estimators["natural"].encode_local(x), logits, "dv")
+    assert loss.item() == pytest.approx(-terms["mi_wmim"].item())
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train_MIAT.py end to end
+
+def small_args(fmnist_dir, estimators, model_dir, *extra):
+    return ["--estimators", str(estimators), "--data-dir", str(fmnist_dir), "--train-limit", "300", "--val-size", "100",
+            "--test-limit", "100", "--batch-size", "50", "--num-steps", "2", "--eval-steps", "2", "--warmup-epochs", "0",
+            "--eps-ramp-epochs", "0", "--device", "cpu", "--model-dir", str(model_dir), *extra]
+
+
+def read_metrics(model_dir):
+    with open(model_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+NAMID_COLUMNS = ["epoch", "lr", "train_loss", "base_loss", "mi_loss", "mi_nat_cos", "mi_adv_cos", "mi_gap", "selected",
+                 "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "seconds"]
+
+
+def test_end_to_end_writes_every_output(fmnist_dir, tiny_estimators, tmp_path):
+    model_dir = tmp_path / "namid"
+    before = hashlib.sha256(tiny_estimators.read_bytes()).hexdigest()
+    assert train_MIAT.main(small_args(fmnist_dir, tiny_estimators, model_dir, "--epochs", "2", "--base-loss", "trades")) == 0
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+    assert hashlib.sha256(tiny_estimators.read_bytes()).hexdigest() == before
+    config = json.loads((model_dir / "config.json").read_text())
+    args = config["args"]
+    assert config["stage"] == "namid" and args["base_loss"] == "trades" and args["mi_mode"] == "namid"
+    assert args["alpha"] == 5.0 and args["lam"] == pytest.approx(0.1) and args["dataset"] == "fashion-mnist"
+    assert config["estimator_spec"]["hsize"] == 32 and config["train_attack"]["loss"] == "kl"
+    rows = read_metrics(model_dir)
+    assert list(rows[0]) == NAMID_COLUMNS and len(rows) == 2
+    for row in rows:
+        assert all(row[key] not in ("", "nan") for key in NAMID_COLUMNS)
+        assert 0 <= float(row["selected"]) <= 50
+    best = torch.load(model_dir / "best.pt", weights_only=True)
+    assert best["stage"] == "namid" and best["model_spec"]["arch"] == "small-cnn"
+
+
+def test_wmim_and_ablations_run(fmnist_dir, tiny_only_max_estimators, tiny_estimators, tmp_path):
+    assert train_MIAT.main(small_args(fmnist_dir, tiny_only_max_estimators, tmp_path / "wmim", "--epochs", "1",
+                                      "--mi-mode", "wmim")) == 0
+    assert "mi_wmim" in read_metrics(tmp_path / "wmim")[0]
+    assert train_MIAT.main(small_args(fmnist_dir, tiny_estimators, tmp_path / "abl", "--epochs", "1", "--no-adv-mi",
+                                      "--lambda", "0")) == 0
+    row = read_metrics(tmp_path / "abl")[0]
+    assert float(row["mi_adv_cos"]) == 0.0 and float(row["mi_gap"]) == 0.0
+
+
+def test_resume_is_bit_identical(fmnist_dir, tiny_estimators, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, straight, "--epochs", "2"))
+    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, resumed, "--epochs", "1"))
+    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, resumed, "--epochs", "2", "--resume"))
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+
+
+def test_two_process_torchrun_matches_the_single_process_metrics_shape(fmnist_dir, tiny_estimators, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, single, "--epochs", "1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "train_MIAT.py"), *small_args(fmnist_dir, tiny_estimators, multi, "--epochs", "1")],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(read_metrics(multi)[0]) == list(read_metrics(single)[0]) and len(read_metrics(multi)) == 1
+    assert json.loads((multi / "config.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in multi.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
+
+
+def run_script(args):
+    return subprocess.run([sys.executable, str(REPO / "train_MIAT.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_bad_input(fmnist_dir, tiny_estimators, tiny_target, tmp_path):
+    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_target, tmp_path / "a")), "is not an estimators.pt")
+    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "b", "--arch", "resnet18")),
+                          "logits of a small-cnn, not a resnet18")
+    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "c", "--norm", "l2")),
+                          "trained under linf, not --norm l2")
+    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "d", "--dataset", "mnist")),
+                          "trained on fashion-mnist, not --dataset mnist")
+    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "e", "--alpha=-1")), "--alpha")
