@@ -75,8 +75,8 @@ def build_parser():
 
     group = parser.add_argument_group("fwa (Frank-Wolfe Wasserstein attack, Wu et al. 2020)")
     group.add_argument("--fwa-radius", type=positive_number, default=None,
-                       help="Wasserstein radius relative to the image's mass (default 0.005 colour, as Wu et al. on "
-                            "CIFAR-10; 0.1 mnist / fashion-mnist)")
+                       help="Wasserstein radius relative to the image's mass (default 0.005 on colour data and 0.5 on "
+                            "mnist, Wu et al.'s CIFAR-10 and MNIST radii; 0.1 on fashion-mnist)")
     group.add_argument("--fwa-steps", type=positive_int, default=40)
     group.add_argument("--fwa-kernel-size", type=positive_int, default=5, help="local transport window (odd)")
     group.add_argument("--fwa-entropy", type=positive_number, default=1e-3, help="entropic regularisation of the LMO")

@@ -9,15 +9,10 @@ forward of [x, x~], the two local encodings, the four MI terms, backward and an 
 """
 import argparse
 import json
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
+from common import machine_record, median_seconds
 
 from models import build_model  # noqa: E402
 from models.estimators import build_estimators  # noqa: E402
@@ -25,27 +20,13 @@ from utils.attacks import PGDConfig, pgd_attack  # noqa: E402
 from utils.data import dataset_info  # noqa: E402
 from utils.estimator_training import make_estimator_step  # noqa: E402
 from utils.mi import paper_objective  # noqa: E402
-from utils.runtime import package_versions, resolve_device  # noqa: E402
+from utils.runtime import resolve_device  # noqa: E402
 
 SETTINGS = [  # (architecture, dataset, batch, hsize, ResNet width)
     ("small-cnn", "fashion-mnist", 128, 256, 64),
     ("small-cnn", "fashion-mnist", 128, 2048, 64),
     ("resnet18", "cifar10", 32, 2048, 64),
 ]
-
-
-def median_seconds(fn, repeats, device):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(arch, dataset, batch, hsize, width, steps, repeats, device):
@@ -91,10 +72,7 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:
-        record = {"command": "python " + " ".join(sys.argv), "device": str(device),
-                  "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                              "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
-                  "versions": package_versions(), "results": rows}
+        record = {**machine_record(device), "results": rows}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 

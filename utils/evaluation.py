@@ -40,21 +40,22 @@ THREAT_OF = {"pgd": "linf", "aa": "linf", "fwa": "wasserstein", "tidim": "linf",
 WORST_CASE_GROUPS = {"linf": ("pgd", "aa", "tidim"), "l2": ("pgd-l2", "cw", "ddn")}
 WORST_CASE_HEADERS = {"linf": "Worst L-inf", "l2": "Worst L2"}
 
-# FWA radius, relative to the image's total mass. Colour data: the CIFAR-10 radius of Wu et al. (2020).
-# MNIST-like data: see fwa_default_radius.
+# FWA radius, relative to the image's total mass (see fwa_default_radius).
+FWA_RADIUS = {"mnist": 0.5, "fashion-mnist": 0.1}
 FWA_RADIUS_COLOUR = 0.005
-FWA_RADIUS_MNIST_LIKE = 0.1
 
 # Float slack for the budget checks (x + delta - x is not exactly delta in float32).
 _ABS_TOL, _REL_TOL = 1e-6, 1e-5
 
 
 def fwa_default_radius(dataset: str) -> float:
-    """0.005 on colour data (Wu et al.'s CIFAR-10 setting). On MNIST and Fashion-MNIST 0.1: the paper's
-    MNIST radius 0.5 moves half of an image's mass by a pixel, which breaks even L-inf adversarially
-    trained SmallCNNs completely (measured on Fashion-MNIST: 0-2 % accuracy), so the column would not
-    separate defenses; at 0.1 (a tenth of the mass by one pixel) it does. See README, stage 4."""
-    return FWA_RADIUS_MNIST_LIKE if dataset in ("mnist", "fashion-mnist") else FWA_RADIUS_COLOUR
+    """Colour data: 0.005, Wu et al.'s CIFAR-10 radius. MNIST: 0.5, the radius of the MNIST runs in their
+    published attack scripts (not measured here: no offline MNIST). Fashion-MNIST
+    (not in their paper): 0.1. Measured on a SmallCNN adversarially trained on Fashion-MNIST (L-inf 0.1;
+    82 % clean, 66 % under PGD-40 on 100 test images), FWA-40 leaves 75 / 61 / 40 / 27 / 15 % at radius
+    0.01 / 0.05 / 0.1 / 0.2 / 0.5: 0.1 keeps the column in the range where defenses can differ, as the
+    project's L-inf budget for Fashion-MNIST (0.1) is a third of MNIST's (0.3)."""
+    return FWA_RADIUS.get(dataset, FWA_RADIUS_COLOUR)
 
 
 def tidim_default_kernel(image_size: int) -> int:

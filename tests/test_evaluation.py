@@ -1,0 +1,347 @@
+"""Stage 4: every attack's threat model and effect, thresholding, worst case, side effects, the tables,
+and test_comparison.py end to end with its bad inputs.
+
+PGD's agreement with torchattacks' PGD (within 1 point) is tested in tests/test_attacks.py.
+"""
+import csv
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import test_comparison
+import train_standard
+from models import build_model
+from tests.conftest import REPO
+from tests.test_train_standard import SMALL_RUN
+from utils.advertorch_compat import advertorch_attacks, zero_gradients
+from utils.data import dataset_info
+from utils.errors import run_main
+from utils.evaluation import (Attack, AttackOutput, ModelSnapshot, attack_seed, build_attacks, isolated_rng,
+                              markdown_table, run_attack, run_transfer, sanity_warnings, table_columns,
+                              threshold_minimum_norm, worst_case)
+
+INFO = dataset_info("fashion-mnist")
+# Few steps, for the tests that check side effects rather than strength.
+QUICK = ["--pgd-steps", "2", "--pgd-l2-steps", "2", "--fwa-steps", "2", "--tidim-steps", "2", "--cw-steps", "2",
+         "--cw-search-steps", "1", "--ddn-steps", "2"]
+
+
+def attack_settings(*extra):
+    args = test_comparison.build_parser().parse_args(["--checkpoints", "unused.pt", *extra])
+    return test_comparison.resolve_settings(args, INFO)
+
+
+def attacks_by_name(*extra, names=("pgd", "aa", "fwa", "tidim", "pgd-l2", "cw", "ddn")):
+    return {a.name: a for a in build_attacks(list(names), attack_settings(*extra), INFO.num_classes)}
+
+
+def loader_of(x, y, batch_size):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def global_rng_states():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+
+def assert_same_rng(before, after):
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Each attack on the briefly trained SmallCNN: threat model on every returned batch, effect, side effects
+
+@pytest.mark.parametrize("name,count", [("pgd", 32), ("aa", 16), ("fwa", 16), ("tidim", 32), ("pgd-l2", 32),
+                                        ("cw", 32), ("ddn", 32)])
+def test_attack_respects_its_threat_model_and_lowers_accuracy(trained_small_cnn, fmnist_batches, name, count):
+    _, _, x, y = fmnist_batches
+    x, y = x[:count], y[:count]
+    model = trained_small_cnn
+    for p in model.parameters():
+        p.grad = None  # the fixture's training leaves gradients behind
+    attack = attacks_by_name(names=(name,))[name]  # the default settings (SPEC section 7)
+    before = global_rng_states()
+    result = run_attack(model, attack, loader_of(x, y, count // 2), torch.device("cpu"), False, 0, desc=name)
+    assert_same_rng(before, global_rng_states())
+    assert result.budget.batches == 2 and result.budget.violating_batches == 0, vars(result.budget)
+    assert result.budget.max_value <= attack.bound * (1 + 1e-5) + 1e-6
+    assert 0 <= result.budget.min_pixel and result.budget.max_pixel <= 1
+    assert result.side_effects == [] and result.nan_batches == 0
+    clean = accuracy(model, x, y)
+    assert result.accuracy < clean, f"{name} did not lower accuracy: clean {clean:.3f}, attacked {result.accuracy:.3f}"
+    if attack.minimum_norm:
+        unthresholded = result.unthresholded_robust.float().mean().item()
+        assert unthresholded <= result.accuracy, "thresholding can only give robustness back"
+
+
+def test_thresholding_of_minimum_norm_results_by_hand():
+    x = torch.zeros(3, 1, 2, 2)
+    x_adv = x.clone()
+    x_adv[:, 0, 0, 0] = torch.tensor([0.45, 0.5, 0.7])  # L2 norms 0.45, 0.5, 0.7
+    kept = threshold_minimum_norm(x, x_adv, 0.5)
+    assert torch.equal(kept[:2], x_adv[:2]) and torch.equal(kept[2], x[2])
+
+    class SumClassifier(nn.Module):  # class 1 once the pixel sum exceeds 0.4, class 0 otherwise
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            s = images.flatten(1).sum(1)
+            return torch.stack([0.4 - s, s - 0.4], dim=1)
+
+    attack = Attack("cw", "CW (L2)", "l2", 0.5, {},
+                    lambda model, xs, ys, g: AttackOutput(threshold_minimum_norm(xs, x_adv, 0.5), unthresholded=x_adv),
+                    minimum_norm=True)
+    result = run_attack(SumClassifier(), attack, loader_of(x, torch.zeros(3, dtype=torch.long), 3), torch.device("cpu"),
+                        False, 0, desc="hand")
+    assert result.robust.tolist() == [False, False, True]
+    assert result.unthresholded_robust.tolist() == [False, False, False]
+    assert result.budget.violating_batches == 0 and result.budget.max_value == pytest.approx(0.5)
+
+
+def test_no_attack_leaves_gradients_bn_statistics_or_rng_changes_behind(fmnist_batches):
+    """On a network with BatchNorm, in train mode: every attack must run it in eval mode with frozen
+    parameters and restore everything."""
+    _, _, x, y = fmnist_batches
+    torch.manual_seed(1)
+    model = build_model("resnet18", 10, 1, 28, INFO.mean, INFO.std, width=4).train()
+    snapshot = ModelSnapshot(model)
+    attacks = attacks_by_name(*QUICK)
+    for name, attack in attacks.items():
+        before = global_rng_states()
+        with isolated_rng(attack_seed(0, name), torch.device("cpu")):
+            output = attack.craft(model, x[:4], y[:4], torch.Generator().manual_seed(0))
+        assert_same_rng(before, global_rng_states())
+        assert output.x_adv.shape == x[:4].shape and not output.x_adv.requires_grad
+        assert snapshot.problems(model) == [], f"{name} left {snapshot.problems(model)}"
+    assert model.training
+
+
+def test_side_effects_of_a_misbehaving_attack_are_reported_and_undone(fmnist_batches):
+    _, _, x, y = fmnist_batches
+    model = build_model("resnet18", 10, 1, 28, INFO.mean, INFO.std, width=4).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def careless(m, xs, ys, generator):  # trains on the batch: BN statistics move, gradients stay
+        m.train()
+        nn.functional.cross_entropy(m(xs), ys).backward()
+        return AttackOutput(xs)
+
+    attack = Attack("pgd", "careless", "linf", 0.1, {}, careless)
+    result = run_attack(model, attack, loader_of(x[:8], y[:8], 8), torch.device("cpu"), False, 0, desc="careless")
+    assert any("gradients" in p for p in result.side_effects) and any("BN" in p for p in result.side_effects)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    warnings = sanity_warnings("M", result, {"pgd": result}, {"pgd": attack})
+    assert any("left parameter gradients" in line for line in warnings)
+
+
+def test_seeded_attacks_are_reproducible(trained_small_cnn, fmnist_batches):
+    _, _, x, y = fmnist_batches
+    attack = attacks_by_name("--tidim-steps", "3", names=("tidim",))["tidim"]
+    runs = [run_attack(trained_small_cnn, attack, loader_of(x[:16], y[:16], 8), torch.device("cpu"), False, 5, "t")
+            for _ in range(2)]
+    assert torch.equal(runs[0].robust, runs[1].robust)
+
+
+def test_transfer_crafts_on_the_surrogate_and_checks_the_budget(trained_small_cnn, fmnist_batches):
+    _, _, x, y = fmnist_batches
+    torch.manual_seed(0)
+    other = build_model("small-cnn", 10, 1, 28, INFO.mean, INFO.std).eval()
+    attack = build_attacks(["transfer"], attack_settings("--pgd-steps", "10"), 10)[0]
+    results = run_transfer(trained_small_cnn, [trained_small_cnn, other], attack, loader_of(x[:32], y[:32], 16),
+                           torch.device("cpu"), False, 0)
+    assert len(results) == 2 and results[0].budget.violating_batches == 0
+    # White-box on the surrogate itself: the same as PGD there.
+    assert results[0].accuracy < accuracy(trained_small_cnn, x[:32], y[:32]) - 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# Worst case, warnings, tables, labels
+
+def test_worst_case_is_the_and_over_a_threat_models_attacks():
+    t, f = True, False
+    clean = torch.tensor([t, t, t, t, f])
+    robust = {"pgd": torch.tensor([t, t, f, t, t]), "aa": torch.tensor([t, f, t, t, t]),
+              "fwa": torch.tensor([f, f, f, f, f]), "cw": torch.tensor([t, t, t, f, t])}
+    worst = worst_case(clean, robust)
+    assert set(worst) == {"linf", "l2"}  # fwa is its own threat model: no worst-case column
+    assert worst["linf"][0].tolist() == [t, f, f, t, f] and worst["linf"][1] == ["pgd", "aa"]
+    assert worst["l2"][0].tolist() == [t, t, t, f, f] and worst["l2"][1] == ["cw"]
+
+
+def test_sanity_warnings_fire_on_suspicious_numbers():
+    from utils.evaluation import AttackResult, BudgetCheck
+    t, f = True, False
+    clean = AttackResult(torch.tensor([t, f, f, t]), 0.0)
+    pgd = AttackResult(torch.tensor([t, t, t, t]), 0.0, BudgetCheck(0.1, "L-inf norm", 0.2, 3, 1))
+    transfer = AttackResult(torch.tensor([f, f, f, t]), 0.0, nan_batches=1)
+    attacks = {name: Attack(name, name.upper(), "linf", 0.1, {}, None) for name in ("pgd", "transfer")}
+    lines = sanity_warnings("M", clean, {"pgd": pgd, "transfer": transfer}, attacks)
+    assert any("above clean accuracy" in line and "2 examples" in line for line in lines)
+    assert any("outside its budget in 1 of 3 batches (max L-inf norm 0.2" in line for line in lines)
+    assert any("black-box transfer attack" in line and "beats" in line for line in lines)
+    assert any("NaN" in line for line in lines)
+    assert all("\n" not in line for line in lines)
+
+
+def test_markdown_table_on_fixed_numbers():
+    columns = [("clean", "None"), ("pgd", "PGD-40"), ("aa", "AA"), ("worst_linf", "Worst L-inf")]
+    table = markdown_table(["Standard AT", "NAMID"], columns,
+                           [{"clean": 0.8339, "pgd": 0.4238, "aa": 0.3901, "worst_linf": 0.39},
+                            {"clean": 0.8341, "pgd": 0.44789, "aa": 0.39255}])
+    assert table == ("| Defense | None | PGD-40 | AA | Worst L-inf |\n"
+                     "|---|---:|---:|---:|---:|\n"
+                     "| Standard AT | 83.39 | 42.38 | 39.01 | 39.00 |\n"
+                     "| NAMID | 83.41 | 44.79 | 39.26 | - |\n")
+
+
+def test_columns_follow_the_papers_table_order():
+    names = ["pgd", "aa", "fwa", "tidim", "pgd-l2", "cw", "ddn", "transfer"]
+    attacks = {a.name: a for a in build_attacks(names, attack_settings(), 10)}
+    columns = table_columns(names, attacks, "transfer (from Standard AT)")
+    assert [title for _, title in columns] == ["None", "PGD-40", "AA", "FWA-40", "TI-DIM", "Worst L-inf", "PGD-40 (L2)",
+                                               "CW (L2)", "DDN (L2)", "Worst L2", "transfer (from Standard AT)"]
+    assert [key for key, _ in table_columns(["ddn", "fwa"], attacks)] == ["clean", "fwa", "ddn", "worst_l2"]
+
+
+def test_default_settings_follow_the_spec_and_the_dataset():
+    args = attack_settings()
+    assert args.attacks == ["pgd", "aa", "fwa", "tidim", "pgd-l2", "cw", "ddn"]
+    assert (args.epsilon, args.epsilon_l2) == (0.1, 1.5) and args.pgd_step_size == pytest.approx(0.025)
+    assert (args.pgd_steps, args.pgd_l2_steps, args.fwa_steps, args.tidim_steps, args.cw_steps, args.ddn_steps) == \
+        (40, 40, 40, 40, 20, 20)
+    assert args.cw_lr == 0.01 and args.fwa_kernel_size == 5 and args.fwa_radius == 0.1 and args.tidim_kernel_size == 7
+    cifar = test_comparison.resolve_settings(test_comparison.build_parser().parse_args(
+        ["--checkpoints", "x.pt", "--epsilon", "4/255"]), dataset_info("cifar10"))
+    assert cifar.epsilon == pytest.approx(4 / 255) and cifar.epsilon_l2 == 0.5
+    assert cifar.fwa_radius == 0.005 and cifar.tidim_kernel_size == 15
+
+
+@pytest.mark.parametrize("stage,config,label", [
+    ("standard", {"loss": "at"}, "Standard AT"), ("standard", {"loss": "trades"}, "TRADES"),
+    ("standard", {"loss": "mart"}, "MART"), ("standard", {"loss": "at", "norm": "l2"}, "Standard AT (L2)"),
+    ("namid", {"base_loss": "at", "mi_mode": "namid"}, "NAMID"),
+    ("namid", {"base_loss": "trades", "mi_mode": "namid"}, "NAMID-T"),
+    ("namid", {"base_loss": "mart", "mi_mode": "namid"}, "NAMID-M"),
+    ("namid", {"base_loss": "at", "mi_mode": "wmim"}, "WMIM"),
+    ("namid", {"base_loss": "trades", "mi_mode": "wmim"}, "WMIM (TRADES)"),
+])
+def test_rows_are_labelled_by_defense(stage, config, label):
+    assert test_comparison.defense_label({"stage": stage, "config": config}, "run/best.pt") == label
+
+
+def test_advertorch_shim_restores_zero_gradients():
+    a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    (a.sum() + 2 * b.sum()).backward()
+    zero_gradients([a, [b]])
+    assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+    from torch.autograd.gradcheck import zero_gradients as installed  # what advertorch imports
+    assert installed is not None and hasattr(advertorch_attacks(), "DDNL2Attack")
+
+
+# ----------------------------------------------------------------------------------------------
+# test_comparison.py end to end, and its bad inputs
+
+@pytest.fixture(scope="module")
+def trades_target(fmnist_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("trades") / "run"
+    train_standard.main(SMALL_RUN + ["--data-dir", str(fmnist_dir), "--model-dir", str(model_dir), "--epochs", "1",
+                                     "--loss", "trades"])
+    return model_dir / "best.pt"
+
+
+def test_end_to_end_on_two_checkpoints(tiny_target, trades_target, fmnist_dir, tmp_path):
+    out = tmp_path / "out"
+    state = torch.get_rng_state()
+    argv = ["--checkpoints", str(tiny_target), str(trades_target), "--data-dir", str(fmnist_dir), "--test-limit", "20",
+            "--batch-size", "10", "--device", "cpu", "--out-dir", str(out), "--surrogate", str(tiny_target),
+            "--attacks", "pgd", "fwa", "tidim", "pgd-l2", "cw", "ddn", "transfer",
+            "--pgd-steps", "5", "--pgd-l2-steps", "5", "--fwa-steps", "5", "--tidim-steps", "5", "--cw-steps", "5",
+            "--ddn-steps", "5"]
+    assert test_comparison.main(argv) == 0
+    assert torch.equal(torch.get_rng_state(), state), "the evaluation changed the global random state"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["dataset"] == "fashion-mnist" and results["test_images"] == 20
+    assert results["seed"] == 0 and "torch" in results["versions"] and results["wall_seconds"] > 0
+    assert results["attacks"]["cw"]["settings"]["thresholded"] and results["attacks"]["fwa"]["settings"]["radius"] == 0.1
+    assert [m["label"] for m in results["models"]] == ["Standard AT", "TRADES"]
+    for model in results["models"]:
+        assert set(model["attacks"]) == {"pgd", "fwa", "tidim", "pgd-l2", "cw", "ddn", "transfer"}
+        for name, entry in model["attacks"].items():
+            assert len(entry["per_example"]) == 20 and entry["seconds"] >= 0 and entry["batches_outside_budget"] == 0
+            assert entry["accuracy"] == pytest.approx(entry["per_example"].count("1") / 20)
+        worst = model["worst_case"]
+        assert worst["linf"]["attacks"] == ["pgd", "tidim"] and worst["l2"]["attacks"] == ["pgd-l2", "cw", "ddn"]
+        assert worst["linf"]["accuracy"] <= min(model["attacks"][n]["accuracy"] for n in ("pgd", "tidim"))
+        assert worst["l2"]["accuracy"] <= min(model["clean"]["accuracy"], model["attacks"]["ddn"]["accuracy"])
+
+    header = ("| Defense | None | PGD-5 | FWA-5 | TI-DIM | Worst L-inf | PGD-5 (L2) | CW (L2) | DDN (L2) | Worst L2 "
+              "| transfer (from Standard AT) |")
+    markdown = (out / "results.md").read_text().splitlines()
+    start = markdown.index(header)
+    rows = markdown[start + 2:start + 4]
+    assert rows[0].startswith("| Standard AT | ") and rows[1].startswith("| TRADES | ")
+    assert all(len(row.split("|")) == len(header.split("|")) for row in rows)
+
+    with open(out / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["label"] for row in table] == ["Standard AT", "TRADES"]
+    assert list(table[0])[4:] == ["clean", "pgd", "fwa", "tidim", "worst_linf", "pgd-l2", "cw", "ddn", "worst_l2",
+                                  "transfer"]
+    assert float(table[1]["clean"]) == pytest.approx(results["models"][1]["clean"]["accuracy"], abs=1e-6)
+
+
+def run_in_process(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(test_comparison.main, argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def test_unknown_attack_is_one_line_and_nonzero_exit(tiny_target):
+    completed = subprocess.run([sys.executable, str(REPO / "test_comparison.py"), "--checkpoints", str(tiny_target),
+                                "--attacks", "pgd", "fgsm"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1 and "invalid choice: 'fgsm'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_unloadable_checkpoints_are_rejected(tiny_target, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    for path, message in ((broken, "cannot read checkpoint"), (tmp_path / "missing.pt", "does not exist")):
+        code, err = run_in_process(["--checkpoints", str(tiny_target), str(path), "--device", "cpu"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_checkpoints_of_different_datasets_are_rejected(tiny_target, tmp_path, capsys):
+    checkpoint = torch.load(tiny_target, weights_only=True)
+    checkpoint["model_spec"]["dataset"] = "mnist"  # the same geometry, so the weights still load
+    other = tmp_path / "mnist.pt"
+    torch.save(checkpoint, other)
+    code, err = run_in_process(["--checkpoints", str(tiny_target), str(other), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "different datasets" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--attacks", "transfer"], "needs --surrogate"),
+    (["--labels", "A", "B"], "one label per checkpoint"),
+])
+def test_inconsistent_options_are_rejected(tiny_target, capsys, extra, message):
+    code, err = run_in_process(["--checkpoints", str(tiny_target), "--device", "cpu", *extra], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
