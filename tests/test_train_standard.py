@@ -204,3 +204,13 @@ def test_cifar10_code_path_with_a_resnet_under_l2(fake_cifar10, tmp_path):
     assert (spec["arch"], spec["in_channels"], spec["image_size"], spec["num_classes"], spec["width"]) == ("resnet18", 3, 32, 10, 8)
     assert len(read_metrics(model_dir)) == 1
     assert any(p.name.startswith("events.out.tfevents") for p in (model_dir / "tensorboard").iterdir())
+
+
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
+    from utils.checkpoint import atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -11,6 +11,12 @@ from utils.errors import UserError
 CHECKPOINT_FORMAT = "namid-checkpoint"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, fsync it, then rename over `path`.
 
@@ -23,6 +29,7 @@ def _atomic_write(path, write):
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes the file private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         try:
