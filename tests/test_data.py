@@ -11,7 +11,7 @@ import torchvision.datasets.svhn
 
 from utils import data
 from utils.errors import UserError
-from tests.conftest import CIFAR_PER_CLASS_PER_BATCH, CIFAR_TEST_PER_CLASS, _no_network, _pickle
+from tests.conftest import _no_network
 
 TINY_WNIDS = ["n01443537", "n01629819", "n01641577"]
 TINY_TRAIN_PER_CLASS = 6

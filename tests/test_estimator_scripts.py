@@ -1,16 +1,12 @@
 """train_MI_estimator.py and train_MI_estimator_only_max.py end to end: outputs, frozen target, resume, bad input."""
-import csv
-import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_MI_estimator
 import train_MI_estimator_only_max
-from tests.conftest import REPO
+from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.mi import QUANTITIES
 from utils.training import load_model
 
@@ -21,15 +17,6 @@ def small_args(fmnist_dir, target, model_dir, *extra):
     return ["--target-model", str(target), "--data-dir", str(fmnist_dir), "--train-limit", "200", "--val-size", "100",
             "--test-limit", "100", "--batch-size", "50", "--hsize", "32", "--num-steps", "2", "--device", "cpu",
             "--model-dir", str(model_dir), *extra]
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_metrics(model_dir):
-    with open(model_dir / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.mark.parametrize("name,extra", [("paper", []), ("paper", ["--estimator-loss", "reference", "--mi-measure", "jsd"]),
@@ -89,25 +76,8 @@ def test_estimator_training_never_touches_the_target_in_memory(fmnist_dir, tiny_
 
 
 def test_resume_is_bit_identical(fmnist_dir, tiny_target, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, straight, "--epochs", "2"))
-    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, resumed, "--epochs", "1", "--milestones", "1"))
-    train_MI_estimator.main(small_args(fmnist_dir, tiny_target, resumed, "--epochs", "2", "--resume"))
-    a = torch.load(straight / "last.pt", weights_only=True)["estimators"]
-    b = torch.load(resumed / "last.pt", weights_only=True)["estimators"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
-
-
-def run_script(script, args):
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(result, fragment):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert fragment in lines[0], lines[0]
+    assert_resume_is_bit_identical(train_MI_estimator.main, lambda d, *extra: small_args(fmnist_dir, tiny_target, d, *extra),
+                                   tmp_path, weights_key="estimators", first_leg=("--milestones", "1"))
 
 
 def test_bad_input(fmnist_dir, tiny_target, tmp_path):

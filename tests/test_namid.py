@@ -1,6 +1,4 @@
 """Stage 3: the NAMID loss by hand, its gradients and ablations, the step's cost rule, and train_MIAT.py end to end."""
-import csv
-import hashlib
 import json
 import math
 import os
@@ -14,6 +12,7 @@ import train_MIAT
 from models import build_model
 from models.estimators import build_estimators
 from tests.conftest import REPO
+from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.attacks import PGDConfig
 from utils.losses import OBJECTIVES
 from utils.namid import make_namid_step, namid_mi_loss, namid_step_mi, wmim_mi_loss
@@ -119,21 +118,16 @@ def small_args(fmnist_dir, estimators, model_dir, *extra):
             "--eps-ramp-epochs", "0", "--device", "cpu", "--model-dir", str(model_dir), *extra]
 
 
-def read_metrics(model_dir):
-    with open(model_dir / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
-
-
 NAMID_COLUMNS = ["epoch", "lr", "train_loss", "base_loss", "mi_loss", "mi_nat_cos", "mi_adv_cos", "mi_gap", "selected",
                  "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "seconds"]
 
 
 def test_end_to_end_writes_every_output(fmnist_dir, tiny_estimators, tmp_path):
     model_dir = tmp_path / "namid"
-    before = hashlib.sha256(tiny_estimators.read_bytes()).hexdigest()
+    before = digest(tiny_estimators)
     assert train_MIAT.main(small_args(fmnist_dir, tiny_estimators, model_dir, "--epochs", "2", "--base-loss", "trades")) == 0
     assert sorted(p.name for p in model_dir.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
-    assert hashlib.sha256(tiny_estimators.read_bytes()).hexdigest() == before
+    assert digest(tiny_estimators) == before
     config = json.loads((model_dir / "config.json").read_text())
     args = config["args"]
     assert config["stage"] == "namid" and args["base_loss"] == "trades" and args["mi_mode"] == "namid"
@@ -159,15 +153,8 @@ def test_wmim_and_ablations_run(fmnist_dir, tiny_only_max_estimators, tiny_estim
 
 
 def test_resume_is_bit_identical(fmnist_dir, tiny_estimators, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, straight, "--epochs", "2"))
-    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, resumed, "--epochs", "1"))
-    train_MIAT.main(small_args(fmnist_dir, tiny_estimators, resumed, "--epochs", "2", "--resume"))
-    a = torch.load(straight / "last.pt", weights_only=True)["model"]
-    b = torch.load(resumed / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+    assert_resume_is_bit_identical(train_MIAT.main, lambda d, *extra: small_args(fmnist_dir, tiny_estimators, d, *extra),
+                                   tmp_path)
 
 
 def test_two_process_torchrun_matches_the_single_process_metrics_shape(fmnist_dir, tiny_estimators, tmp_path):
@@ -183,23 +170,12 @@ def test_two_process_torchrun_matches_the_single_process_metrics_shape(fmnist_di
     assert sorted(p.name for p in multi.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv"]
 
 
-def run_script(args):
-    return subprocess.run([sys.executable, str(REPO / "train_MIAT.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
-def assert_one_line_error(result, fragment):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert fragment in lines[0], lines[0]
-
-
 def test_bad_input(fmnist_dir, tiny_estimators, tiny_target, tmp_path):
-    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_target, tmp_path / "a")), "is not an estimators.pt")
-    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "b", "--arch", "resnet18")),
+    assert_one_line_error(run_script("train_MIAT.py", small_args(fmnist_dir, tiny_target, tmp_path / "a")), "is not an estimators.pt")
+    assert_one_line_error(run_script("train_MIAT.py", small_args(fmnist_dir, tiny_estimators, tmp_path / "b", "--arch", "resnet18")),
                           "logits of a small-cnn, not a resnet18")
-    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "c", "--norm", "l2")),
+    assert_one_line_error(run_script("train_MIAT.py", small_args(fmnist_dir, tiny_estimators, tmp_path / "c", "--norm", "l2")),
                           "trained under linf, not --norm l2")
-    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "d", "--dataset", "mnist")),
+    assert_one_line_error(run_script("train_MIAT.py", small_args(fmnist_dir, tiny_estimators, tmp_path / "d", "--dataset", "mnist")),
                           "trained on fashion-mnist, not --dataset mnist")
-    assert_one_line_error(run_script(small_args(fmnist_dir, tiny_estimators, tmp_path / "e", "--alpha=-1")), "--alpha")
+    assert_one_line_error(run_script("train_MIAT.py", small_args(fmnist_dir, tiny_estimators, tmp_path / "e", "--alpha=-1")), "--alpha")

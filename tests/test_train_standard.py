@@ -1,6 +1,4 @@
 """train_standard.py end to end: outputs, resume equality, kill-and-resume, and bad input."""
-import csv
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +13,10 @@ import torch
 import train_standard
 from tests.conftest import REPO
 from utils import losses
+from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.training import NonFiniteLoss
+
+SCRIPT = "train_standard.py"
 
 SMALL_RUN = ["--dataset", "fashion-mnist", "--train-limit", "300", "--val-size", "100", "--test-limit", "100",
              "--batch-size", "50", "--num-steps", "2", "--eval-steps", "2", "--warmup-epochs", "0",
@@ -26,24 +27,6 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_clean_acc", "train_adv_acc
 
 def small_args(fmnist_dir, model_dir, *extra):
     return SMALL_RUN + ["--data-dir", str(fmnist_dir), "--model-dir", str(model_dir), *extra]
-
-
-def run_script(args, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "train_standard.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def read_metrics(model_dir):
-    with open(model_dir / "metrics.csv") as handle:
-        return list(csv.DictReader(handle))
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_end_to_end_writes_every_output(fmnist_dir, tmp_path):
@@ -77,14 +60,7 @@ def test_end_to_end_writes_every_output(fmnist_dir, tmp_path):
 
 
 def test_resume_is_bit_identical(fmnist_dir, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_standard.main(small_args(fmnist_dir, straight, "--epochs", "2"))
-    train_standard.main(small_args(fmnist_dir, resumed, "--epochs", "1"))
-    train_standard.main(small_args(fmnist_dir, resumed, "--epochs", "2", "--resume"))
-    a, b = weights(straight / "last.pt"), weights(resumed / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+    assert_resume_is_bit_identical(train_standard.main, lambda d, *extra: small_args(fmnist_dir, d, *extra), tmp_path)
 
 
 def test_sigkill_then_resume_finishes_the_run(fmnist_dir, tmp_path):
@@ -100,7 +76,7 @@ def test_sigkill_then_resume_finishes_the_run(fmnist_dir, tmp_path):
     process.wait()
     assert (model_dir / "last.pt").exists(), "no checkpoint was written before the kill"
     assert torch.load(model_dir / "last.pt", weights_only=True)["epoch"] >= 1
-    result = run_script(args + ["--resume"])
+    result = run_script(SCRIPT, args + ["--resume"])
     assert result.returncode == 0, result.stderr
     assert [int(r["epoch"]) for r in read_metrics(model_dir)] == [1, 2, 3]
     assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
@@ -119,14 +95,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path,
     assert len(read_metrics(model_dir)) == 1
 
 
-def assert_one_line_error(result, fragment):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("flags,fragment", [
     (["--epsilon", "0"], "--epsilon: must be > 0"),
     (["--epsilon=-8/255"], "--epsilon: must be > 0"),
@@ -137,12 +105,12 @@ def assert_one_line_error(result, fragment):
     (["--device", "cuda:7"], "device 'cuda:7'"),
 ])
 def test_bad_flags_give_one_line(fmnist_dir, tmp_path, flags, fragment):
-    assert_one_line_error(run_script(small_args(fmnist_dir, tmp_path / "bad", *flags)), fragment)
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, tmp_path / "bad", *flags)), fragment)
     assert not (tmp_path / "bad" / "last.pt").exists()
 
 
 def test_missing_dataset_gives_one_line(tmp_path):
-    result = run_script(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--model-dir",
+    result = run_script(SCRIPT, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--model-dir",
                          str(tmp_path / "run"), "--device", "cpu"], timeout=600)
     assert_one_line_error(result, str(tmp_path / "nowhere"))
 
@@ -150,19 +118,19 @@ def test_missing_dataset_gives_one_line(tmp_path):
 def test_unwritable_model_dir(fmnist_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert_one_line_error(run_script(small_args(fmnist_dir, blocker / "run", "--epochs", "1")), "cannot write to model directory")
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, blocker / "run", "--epochs", "1")), "cannot write to model directory")
 
 
 def test_bad_checkpoints_are_reported_and_never_damaged(fmnist_dir, tmp_path):
     model_dir = tmp_path / "run"
-    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "1", "--resume")), "no ")
-    assert run_script(small_args(fmnist_dir, model_dir, "--epochs", "1")).returncode == 0
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, model_dir, "--epochs", "1", "--resume")), "no ")
+    assert run_script(SCRIPT, small_args(fmnist_dir, model_dir, "--epochs", "1")).returncode == 0
     good = digest(model_dir / "last.pt")
 
     # a second fresh run into the same folder must not overwrite it
-    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "1")), "already holds a run")
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, model_dir, "--epochs", "1")), "already holds a run")
     # resuming with another architecture
-    assert_one_line_error(run_script(small_args(fmnist_dir, model_dir, "--epochs", "2", "--resume", "--arch", "resnet18")),
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, model_dir, "--epochs", "2", "--resume", "--arch", "resnet18")),
                           "--arch small-cnn")
     assert digest(model_dir / "last.pt") == good
 
@@ -172,14 +140,14 @@ def test_bad_checkpoints_are_reported_and_never_damaged(fmnist_dir, tmp_path):
     checkpoint["model"] = {"net.fc.weight": torch.zeros(10, 512)}
     other.mkdir()
     torch.save(checkpoint, other / "last.pt")
-    assert_one_line_error(run_script(small_args(fmnist_dir, other, "--epochs", "2", "--resume")), "does not fit")
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, other, "--epochs", "2", "--resume")), "does not fit")
 
     # a truncated (corrupt) checkpoint
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "last.pt").write_bytes((model_dir / "last.pt").read_bytes()[:1000])
     before = digest(corrupt / "last.pt")
-    assert_one_line_error(run_script(small_args(fmnist_dir, corrupt, "--epochs", "2", "--resume")), "cannot read checkpoint")
+    assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, corrupt, "--epochs", "2", "--resume")), "cannot read checkpoint")
     assert digest(corrupt / "last.pt") == before
     assert digest(model_dir / "last.pt") == good
 

@@ -7,7 +7,6 @@ import os
 import platform
 import shlex
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import replace

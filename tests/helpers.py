@@ -1,0 +1,47 @@
+"""Assertions and runners shared by the stage-script tests."""
+import csv
+import hashlib
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import REPO
+
+
+def read_metrics(model_dir):
+    with open(model_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_script(script, args, timeout=300):
+    """Run a stage script in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result, fragment):
+    """Bad input: non-zero exit, exactly one line on stderr containing `fragment`, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def assert_resume_is_bit_identical(main, args_for, tmp_path, weights_key="model", first_leg=()):
+    """2 epochs straight vs 1 epoch + --resume + 1 epoch: identical weights and metrics (but the timings).
+
+    args_for(model_dir, *extra) builds a script's arguments; first_leg adds flags to the 1-epoch run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(args_for(straight, "--epochs", "2"))
+    main(args_for(resumed, "--epochs", "1", *first_leg))
+    main(args_for(resumed, "--epochs", "2", "--resume"))
+    a = torch.load(straight / "last.pt", weights_only=True)[weights_key]
+    b = torch.load(resumed / "last.pt", weights_only=True)[weights_key]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
