@@ -19,11 +19,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_json, atomic_write_text
-from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, number, positive_int, positive_number
+from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits, make_loader
 from utils.errors import UserError, run_main
 from utils.evaluation import (ATTACK_NAMES, WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
@@ -84,7 +83,7 @@ def build_parser():
 
     group = parser.add_argument_group("tidim (torchattacks' TIFGSM: momentum, input diversity, Gaussian TI kernel)")
     group.add_argument("--tidim-steps", type=positive_int, default=40)
-    group.add_argument("--tidim-step-size", type=positive_number, default=None, help="default epsilon / 4")
+    group.add_argument("--tidim-step-size", type=positive_number, default=None, help="default epsilon / 4, as pgd")
     group.add_argument("--tidim-kernel-size", type=positive_int, default=None,
                        help="TI kernel (default 15 on 32x32 and larger images, 7 on 28x28)")
     group.add_argument("--tidim-decay", type=nonnegative_number, default=1.0, help="momentum")
@@ -94,13 +93,15 @@ def build_parser():
     group = parser.add_argument_group("cw and ddn (advertorch 0.2.3; thresholded at --epsilon-l2)")
     group.add_argument("--cw-steps", type=positive_int, default=20)
     group.add_argument("--cw-lr", type=positive_number, default=0.01)
-    group.add_argument("--cw-search-steps", type=positive_int, default=4, help="binary search steps over the constant")
+    group.add_argument("--cw-search-steps", type=positive_int, default=4,
+                       help="binary search steps over the constant (4 and initial constant 1: the published code's)")
     group.add_argument("--cw-initial-const", type=positive_number, default=1.0)
     group.add_argument("--cw-confidence", type=nonnegative_number, default=0.0)
     group.add_argument("--ddn-steps", type=positive_int, default=20)
     group.add_argument("--ddn-gamma", type=positive_number, default=0.05)
     group.add_argument("--ddn-init-norm", type=positive_number, default=1.0)
-    group.add_argument("--ddn-levels", type=nonnegative_int, default=256, help="quantisation levels (0: none)")
+    group.add_argument("--ddn-levels", type=nonnegative_int, default=256,
+                       help="quantisation levels, 256 for 8-bit images (0: none; the published code used 16)")
 
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds every attack and the --test-limit subset")
@@ -167,6 +168,8 @@ def resolve_settings(args, info):
         raise UserError(f"--fwa-kernel-size must be odd and at least 3, got {args.fwa_kernel_size}")
     if args.tidim_diversity_prob > 1:
         raise UserError(f"--tidim-diversity-prob must be in [0, 1], got {args.tidim_diversity_prob}")
+    if args.ddn_levels == 1:
+        raise UserError("--ddn-levels must be 0 (no quantisation) or at least 2")
     if args.attacks is None:
         args.attacks = list(WHITE_BOX_ATTACKS) + (["transfer"] if args.surrogate else [])
     args.attacks = [name for name in ATTACK_NAMES if name in args.attacks]  # table order, duplicates dropped

@@ -167,3 +167,17 @@ def test_objectives_give_finite_gradients_to_the_estimators():
         objective(q, LOGITS_NAT, LOGITS_ADV, Y).backward()
         grads = [p.grad for p in estimators.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), objective.__name__
+
+
+def test_stage2_warns_when_held_out_estimates_fall_below_a_constant_critic(capsys):
+    from utils.estimator_training import warn_if_worse_than_constant
+    warn_if_worse_than_constant({"val_nat_mi_clean": 0.8, "val_adv_mi_adv": 0.1}, 0, "paper")
+    assert capsys.readouterr().err == ""
+    warn_if_worse_than_constant({"val_nat_mi_clean": -783.4, "val_adv_mi_adv": -400.5}, 0, "paper")
+    assert "worse than a constant critic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("measure", MI_MEASURES)
+def test_a_constant_critic_scores_at_most_zero(measure):
+    constant = torch.full((5, 5, 3), 0.7)
+    assert (mi_from_scores(constant, measure) <= 1e-6).all()

@@ -4,6 +4,7 @@ Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
 train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
 """
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -154,6 +155,16 @@ def held_out_row(values, prefix="val") -> dict:
     return row
 
 
+def warn_if_worse_than_constant(row, epoch, objective_name):
+    """A constant critic scores exactly 0 under DV; held-out estimates below 0 of the maximised
+    quantities mean the estimators have diverged or overfit (Eq. 5 is unbounded: README, stage 2)."""
+    worst = min(row["val_nat_mi_clean"], row["val_adv_mi_adv"])
+    if worst < 0:
+        tqdm.write(f"warning: epoch {epoch + 1}: held-out I_N(x; h(x)) {row['val_nat_mi_clean']:.4g} / I_A(n; h(x~)) "
+                   f"{row['val_adv_mi_adv']:.4g}: below 0, worse than a constant critic; the {objective_name} "
+                   f"estimators are diverging or overfitting", file=sys.stderr)
+
+
 def _stats(tensor) -> dict:
     if tensor.numel() == 0:
         return {"n": 0}
@@ -250,7 +261,9 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
                                  device=device)
         values = collect_mi(estimators, target, val_loader, attack, objective, device, args.seed + 1000 * epoch,
                             args.mi_measure, args.amp, desc="val")
-        return {**row, **held_out_row(values)}
+        row = {**row, **held_out_row(values)}
+        warn_if_worse_than_constant(row, epoch, objective_name)
+        return row
 
     run.fit(run_epoch)
 

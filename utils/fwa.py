@@ -26,7 +26,8 @@ Where this differs from the authors' code, and why:
 - The box [0, 1]: x' = Pi^T 1 exceeds 1 where mass piles up. The authors clip the final image, which
   destroys mass and leaves the Wasserstein ball. Here the mass that would overflow a pixel is sent
   back to where it came from ("capacity repair"): row sums are kept and the cost only falls, so the
-  returned image is exactly the image of a feasible plan. The model is attacked at the repaired image.
+  returned image is exactly the image of a feasible plan. The model is attacked at the repaired image,
+  and the gradient there drives the next LMO as if the repair were the identity.
 - The bisection returns the feasible end of its bracket, so every LMO answer meets the budget (the
   authors take the midpoint, which can exceed it by the tolerance).
 - Per example, the latest iterate that the model misclassified is returned (the paper returns the
@@ -205,6 +206,12 @@ def _loss_gradient(model, image, y):
     return grad.float(), logits.detach()
 
 
+def _keep_if_fooled(logits, y, plan, best, ever_fooled):
+    """Per example, the latest plan whose image the model misclassifies."""
+    fooled = logits.argmax(dim=1) != y
+    return torch.where(fooled.view(-1, 1, 1, 1), plan, best), ever_fooled | fooled
+
+
 def fw_wasserstein_attack(model, x, y, config: FWAConfig, return_plan: bool = False):
     """FWA adversarials for (x, y): images of feasible transport plans, inside [0, 1].
 
@@ -220,24 +227,19 @@ def fw_wasserstein_attack(model, x, y, config: FWAConfig, return_plan: bool = Fa
     plan = geometry.identity_plan(x)
     best, ever_fooled = plan, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with frozen_eval(model):
-        for t in range(config.num_steps + 1):
+        for t in range(config.num_steps):
             feasible_plan = capacity_repair(plan, x, geometry, config.repair_rounds)
-            image = geometry.image_of(feasible_plan).clamp(0, 1)
-            if t == config.num_steps:  # the last iterate: no further step, so no gradient needed
-                with torch.no_grad():
-                    fooled = model(image).argmax(dim=1) != y
-            else:
-                grad, logits = _loss_gradient(model, image, y)
-                fooled = logits.argmax(dim=1) != y
-            best = torch.where(fooled.view(-1, 1, 1, 1), feasible_plan, best)
-            ever_fooled |= fooled
-            if t == config.num_steps:
-                best = torch.where(ever_fooled.view(-1, 1, 1, 1), best, feasible_plan)
-                break
+            grad, logits = _loss_gradient(model, geometry.image_of(feasible_plan).clamp(0, 1), y)
+            best, ever_fooled = _keep_if_fooled(logits, y, feasible_plan, best, ever_fooled)
             scale = grad.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             vertex = linear_minimisation_oracle(geometry.gather(grad / scale), x, geometry, budget, config)
             step = 2.0 / (t + 2)
             plan = (1 - step) * plan + step * vertex
+        final_plan = capacity_repair(plan, x, geometry, config.repair_rounds)
+        with torch.no_grad():
+            logits = model(geometry.image_of(final_plan).clamp(0, 1))
+        best, ever_fooled = _keep_if_fooled(logits, y, final_plan, best, ever_fooled)
+    best = torch.where(ever_fooled.view(-1, 1, 1, 1), best, final_plan)
     # The clamp only removes float rounding (the repaired plan's image is within [0, 1] up to ~1e-7).
     x_adv = geometry.image_of(best).clamp(0, 1).to(original_dtype).detach()
     return (x_adv, best.detach()) if return_plan else x_adv
