@@ -292,6 +292,37 @@ def write_outputs(out_dir: Path, summary: dict, records, columns, attacks, final
 # ----------------------------------------------------------------------------------------------
 
 
+def run_summary(args, argv, info, splits, attacks, columns, surrogate_label, device) -> dict:
+    """Everything results.json records besides the per-model numbers."""
+    return {
+        "dataset": info.name, "test_images": len(splits.test), "test_limit": args.test_limit,
+        "test_indices": list(splits.test.indices), "seed": args.seed, "device": str(device), "amp": args.amp,
+        "epsilon_linf": args.epsilon, "epsilon_l2": args.epsilon_l2, "fwa_radius": args.fwa_radius,
+        "attacks": {name: {"column": a.column, "threat": a.threat, "white_box": a.white_box, "budget": a.bound,
+                           "seed": attack_seed(args.seed, name), "settings": a.settings} for name, a in attacks.items()},
+        "columns": [{"key": key, "header": header} for key, header in columns],
+        "surrogate": {"checkpoint": args.surrogate, "label": surrogate_label} if args.surrogate else None,
+        "command": shlex.join([Path(__file__).name, *argv]), "args": vars(args),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(), "git_commit": git_commit(), "warnings": [],
+    }
+
+
+def evaluate_white_box(label, model, attacks, loader, device, args, after_each_attack):
+    """Clean predictions and every white-box attack on one model; after_each_attack(clean, results)."""
+    clean = clean_predictions(model, loader, device, args.amp, desc=f"{label}: clean")
+    tqdm.write(f"{label}: clean {clean.accuracy:.2%}")
+    results = {}
+    for name, attack in attacks.items():
+        if not attack.white_box:
+            continue
+        results[name] = run_attack(model, attack, loader, device, args.amp, attack_seed(args.seed, name),
+                                   desc=f"{label}: {attack.column}")
+        tqdm.write(f"{label}: {attack.column} {results[name].accuracy:.2%} ({results[name].seconds:.1f} s)")
+        after_each_attack(clean, results)
+    return clean, results
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -320,35 +351,16 @@ def main(argv=None):
     if len(splits.test) == 0:
         raise UserError("the test split is empty")
     loader = make_loader(splits.test, args.batch_size, shuffle=False, workers=args.workers, seed=args.seed, device=device)
+    summary = run_summary(args, argv, info, splits, attacks, columns, surrogate_label, device)
 
-    summary = {
-        "dataset": info.name, "test_images": len(splits.test), "test_limit": args.test_limit,
-        "test_indices": list(splits.test.indices), "seed": args.seed, "device": str(device), "amp": args.amp,
-        "epsilon_linf": args.epsilon, "epsilon_l2": args.epsilon_l2, "fwa_radius": args.fwa_radius,
-        "attacks": {name: {"column": a.column, "threat": a.threat, "white_box": a.white_box, "budget": a.bound,
-                           "seed": attack_seed(args.seed, name), "settings": a.settings} for name, a in attacks.items()},
-        "columns": [{"key": key, "header": header} for key, header in columns],
-        "surrogate": {"checkpoint": args.surrogate, "label": surrogate_label} if surrogate else None,
-        "command": shlex.join([Path(__file__).name, *argv]), "args": vars(args),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(), "git_commit": git_commit(), "warnings": [],
-    }
-    records, clean_by_model, results_by_model = [], [], []
+    records, cleans, results_by_model = [], [], []
     for label, path, (model, checkpoint) in zip(labels, args.checkpoints, loaded):
-        clean = clean_predictions(model, loader, device, args.amp, desc=f"{label}: clean")
-        tqdm.write(f"{label}: clean {clean.accuracy:.2%}")
-        results = {}
-        for name in args.attacks:
-            if name == "transfer":
-                continue
-            attack = attacks[name]
-            results[name] = run_attack(model, attack, loader, device, args.amp, attack_seed(args.seed, name),
-                                       desc=f"{label}: {attack.column}")
-            tqdm.write(f"{label}: {attack.column} {results[name].accuracy:.2%} ({results[name].seconds:.1f} s)")
-            records_so_far = records + [model_record(label, path, checkpoint, clean, results, attacks)]
-            write_outputs(out_dir, summary, records_so_far, columns, attacks, final=False)
+        def save_progress(clean, results):  # an interrupted run keeps every finished attack
+            partial = records + [model_record(label, path, checkpoint, clean, results, attacks)]
+            write_outputs(out_dir, summary, partial, columns, attacks, final=False)
+        clean, results = evaluate_white_box(label, model, attacks, loader, device, args, save_progress)
         records.append(model_record(label, path, checkpoint, clean, results, attacks))
-        clean_by_model.append(clean)
+        cleans.append(clean)
         results_by_model.append(results)
 
     if surrogate is not None:
@@ -356,11 +368,11 @@ def main(argv=None):
                                    args.amp, attack_seed(args.seed, "transfer"))
         for index, result in enumerate(transferred):
             results_by_model[index]["transfer"] = result
-            records[index] = model_record(labels[index], args.checkpoints[index], loaded[index][1],
-                                          clean_by_model[index], results_by_model[index], attacks)
+            records[index] = model_record(labels[index], args.checkpoints[index], loaded[index][1], cleans[index],
+                                          results_by_model[index], attacks)
             tqdm.write(f"{labels[index]}: {columns[-1][1]} {result.accuracy:.2%}")
 
-    for label, clean, results in zip(labels, clean_by_model, results_by_model):
+    for label, clean, results in zip(labels, cleans, results_by_model):
         for line in sanity_warnings(label, clean, results, attacks):
             emit_warning(line)
             summary["warnings"].append(line)

@@ -1,5 +1,4 @@
 """Shared fixtures: real Fashion-MNIST (Debian's copy), a synthetic CIFAR-10, and a briefly trained SmallCNN."""
-import os
 import pickle
 from pathlib import Path
 
@@ -14,10 +13,6 @@ FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_PER_CLASS_PER_BATCH = 2  # 5 batches x 10 classes x 2 = 100 training images, 10 per class
 CIFAR_TEST_PER_CLASS = 3
-
-
-def pytest_configure(config):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
