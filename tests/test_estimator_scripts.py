@@ -100,3 +100,16 @@ def test_bad_input(fmnist_dir, tiny_target, tmp_path):
     assert_one_line_error(run_script("train_MI_estimator_only_max.py",
                                      small_args(fmnist_dir, tiny_target, run, "--epochs", "2", "--resume")), "--objective paper")
     assert digest(run / "last.pt") == before
+
+
+def test_report_only_rewrites_the_report_without_training(fmnist_dir, tiny_estimators, tiny_target, tmp_path):
+    run = tiny_estimators.parent
+    before = digest(tiny_estimators)
+    (run / "mi_report.json").unlink()
+    assert train_MI_estimator.main(small_args(fmnist_dir, tiny_target, run, "--report-only")) == 0
+    report = json.loads((run / "mi_report.json").read_text())
+    assert report["objective"] == "paper" and set(report["all"]) == set(QUANTITIES)
+    assert digest(tiny_estimators) == before, "--report-only modified the estimators"
+    assert_one_line_error(run_script("train_MI_estimator.py", small_args(fmnist_dir, tiny_target, run, "--report-only",
+                                                                         "--estimator-loss", "reference")),
+                          "trained with the paper objective, not reference")
