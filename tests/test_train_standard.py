@@ -182,3 +182,16 @@ def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_grad_clip_bounds_every_step_gradient(fmnist_dir, tmp_path, monkeypatch):
+    norms = []
+    original = torch.optim.SGD.step
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.sqrt(sum((g ** 2).sum() for g in grads)).item())
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    train_standard.main(small_args(fmnist_dir, tmp_path / "clip", "--epochs", "1", "--grad-clip", "0.05"))
+    assert norms and max(norms) <= 0.05 * (1 + 1e-4)
+    assert json.loads((tmp_path / "clip" / "config.json").read_text())["args"]["grad_clip"] == 0.05

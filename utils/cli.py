@@ -102,6 +102,8 @@ def add_optimizer_args(parser):
     group.add_argument("--milestones", type=positive_int, nargs="*", default=None,
                        help="epochs where the lr is divided by 10 (default: 75%% and 90%% of --epochs)")
     group.add_argument("--lr-gamma", type=positive_number, default=0.1)
+    group.add_argument("--grad-clip", type=nonnegative_number, default=0.0,
+                       help="clip the gradient's global L2 norm to this (0: off, the paper's setting)")
     return group
 
 

@@ -208,6 +208,7 @@ def mi_report(values) -> dict:
 def plot_mi_distributions(values, path, title):
     """Histograms of the four quantities on X' (the paper's Fig. 2/4), written as a PNG."""
     import matplotlib
+    import numpy
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -215,10 +216,12 @@ def plot_mi_distributions(values, path, title):
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, (clean, adv, label) in zip(axes, (("nat_mi_clean", "nat_mi_adv", "natural MI"),
                                                 ("adv_mi_clean", "adv_mi_adv", "adversarial MI"))):
-        for name, colour in ((clean, "tab:blue"), (adv, "tab:red")):
-            data = values[name][selected].numpy()
-            if data.size:
-                axis.hist(data, bins=40, alpha=0.6, color=colour, label=f"{QUANTITY_LABELS[name]} (mean {data.mean():.3f})")
+        pair = {name: values[name][selected].numpy() for name in (clean, adv)}
+        if not all(data.size for data in pair.values()):
+            continue
+        bins = numpy.histogram_bin_edges(numpy.concatenate(list(pair.values())), bins=40)  # shared, so bars line up
+        for (name, data), colour in zip(pair.items(), ("tab:blue", "tab:red")):
+            axis.hist(data, bins=bins, alpha=0.6, color=colour, label=f"{QUANTITY_LABELS[name]} (mean {data.mean():.3f})")
         axis.set_title(f"{label}, {int(selected.sum())} selected samples")
         axis.set_xlabel("per-sample MI estimate")
         axis.legend(fontsize=8)

@@ -273,12 +273,13 @@ def check_finite(loss, epoch: int, batch: int, last_good: Path, device):
                             f"{last_good} (the last completed epoch) is intact; lower --lr or add --warmup-epochs")
 
 
-def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: RunDirectory, amp=False, desc="train"):
+def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: RunDirectory, amp=False, desc="train",
+                grad_clip: float = 0.0):
     """Train one epoch; step_fn(x, y, batch_index) -> (loss, logits_nat or None, logits_adv or None, extras dict).
 
     Returns the example-weighted means of the loss and of every extra, and the clean and adversarial
     accuracies on the training batches (clean from an extra no-grad eval forward when the step has none),
-    summed over all processes under torchrun.
+    summed over all processes under torchrun. grad_clip > 0 clips the gradient's global norm.
     """
     plain = distributed.unwrap(model)
     sums = {"count": 0.0, "clean_correct": 0.0, "adv_correct": 0.0, "adv_count": 0.0}
@@ -290,6 +291,8 @@ def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: 
         check_finite(loss.detach(), epoch, index, run_dir.last, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), grad_clip)
         optimizer.step()
         if logits_nat is None:
             with torch.no_grad(), frozen_eval(plain), autocast(device, amp):
@@ -426,7 +429,7 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
                              epoch=epoch, device=device, **shard)
         schedule = training_attack_schedule(train_attack, epoch, len(loader), args.warmup_epochs, args.eps_ramp_epochs)
         row = train_epoch(trained, loader, optimizer, make_step(trained, schedule, generator), device, epoch, run_dir,
-                          amp=args.amp)
+                          amp=args.amp, grad_clip=args.grad_clip)
         for name, split in (("val", splits.val), ("test", splits.test)):
             loader = make_loader(split, eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
                                  device=device, **shard)
