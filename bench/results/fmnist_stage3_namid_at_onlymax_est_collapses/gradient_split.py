@@ -1,3 +1,9 @@
+"""Diagnostic run for ../fmnist_stage3_namid_runs.md: gradient norm of the base loss vs alpha * L_mi.
+
+Loads the epoch-1 model of run (d) and the only-max estimators, replays the first 40 batches of epoch 2
+(same loader seed, epsilon ramp and PGD-10) and prints per batch |X'|, both gradient norms and the terms.
+Run from the repository root: OMP_NUM_THREADS=2 PYTHONPATH=. python3 <this file> > gradient_split.log
+"""
 import torch, torch.nn.functional as F
 from utils.training import load_model, training_attack_schedule
 from utils.estimator_training import load_estimators
