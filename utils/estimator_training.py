@@ -15,11 +15,11 @@ from utils.attacks import PGDConfig, pgd_attack
 from utils.checkpoint import atomic_write_json, load_checkpoint, load_state_dict_checked
 from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, positive_int, positive_number,
                        resolve_dataset_defaults)
-from utils.data import load_splits, make_loader
+from utils.data import make_loader
 from utils.errors import UserError
 from utils.mi import MI_MEASURES, QUANTITIES, QUANTITY_LABELS, local_encodings, masked_mean, mi_quantities, select_misled
 from utils.runtime import attack_generator, autocast, resolve_device, seed_everything
-from utils.training import RunDirectory, TrainingRun, load_model, train_epoch
+from utils.training import RunDirectory, TrainingRun, freeze, load_model, splits_from_args, train_epoch
 
 STAGE = "estimators"
 ESTIMATOR_FILE = "estimators.pt"
@@ -72,10 +72,7 @@ def load_frozen_target(path, device):
         raise UserError(f"--target-model {path} is a {checkpoint.get('stage')} checkpoint, not a trained target model "
                         f"(pass the best.pt of train_standard.py)")
     model, _ = load_model(path, device)
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model, checkpoint
+    return freeze(model), checkpoint
 
 
 def file_sha256(path) -> str:
@@ -96,10 +93,7 @@ def load_estimators(path, device):
     spec = checkpoint["estimator_spec"]
     estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"])
     load_state_dict_checked(estimators, checkpoint["estimators"], path, what="estimator pair")
-    estimators.to(device).eval()
-    for parameter in estimators.parameters():
-        parameter.requires_grad_(False)
-    return estimators, checkpoint
+    return freeze(estimators.to(device)), checkpoint
 
 
 def adversarial_batch(target, x, y, attack, generator):
@@ -256,8 +250,7 @@ def report_only(args, target, objective, objective_name, device):
         raise UserError(f"{path} was trained with the {checkpoint.get('objective')} objective, not {objective_name}")
     for key in ("hsize", "mi_measure"):
         setattr(args, key, checkpoint["config"][key])
-    splits = load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
-                         test_limit=args.test_limit, seed=args.seed)
+    splits = splits_from_args(args)
     attack = PGDConfig(**checkpoint["attack"])
     write_mi_report(args, splits, target, path, checkpoint["epoch"], objective, objective_name, attack, device)
     return 0
@@ -278,16 +271,14 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
         raise UserError("stage 2 reports the MI on held-out data every epoch: --val-size must be > 0")
     run_dir = RunDirectory(args.model_dir, resume=args.resume, best_name=ESTIMATOR_FILE)
     seed_everything(args.seed)
-    splits = load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
-                         test_limit=args.test_limit, seed=args.seed)
+    splits = splits_from_args(args)
     spec = estimator_spec(args, splits.info)
     estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"]).to(device)
     optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr)
     generator = attack_generator(args.seed, device)
     attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
-    target_sha = args.target_sha256
     metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
-                "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": target_sha,
+                "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": args.target_sha256,
                 "attack": vars(attack)}
     run = TrainingRun(run_dir, args, STAGE, estimators, optimizer, generator, model_spec=spec,
                       select_key="val_objective", select_mode="min", model_key="estimators",
@@ -310,6 +301,6 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
 
     run.fit(run_epoch)
     write_mi_report(args, splits, target, run_dir.best, run.best["epoch"], objective, objective_name, attack, device)
-    if file_sha256(args.target_model) != target_sha:
+    if file_sha256(args.target_model) != args.target_sha256:
         raise UserError(f"the target checkpoint {args.target_model} changed during the run")  # never expected
     return 0

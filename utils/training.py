@@ -385,17 +385,28 @@ def seed_process(seed: int, epoch: int, generator: torch.Generator):
 # ----------------------------------------------------------------------------------------------
 # The whole of a target-model training run (stage 1 and stage 3 differ only in their step)
 
+def splits_from_args(args):
+    """The data splits the shared data flags (--dataset, --data-dir, --val-size, limits, --seed) describe."""
+    return load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
+                       test_limit=args.test_limit, seed=args.seed)
+
+
+def freeze(module):
+    """Eval mode and no parameter gradients, for a module that must not change (targets, estimators)."""
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
 def load_splits_rank_zero_first(args):
     """The data splits; under torchrun rank 0 downloads or unpacks the files while the others wait."""
-    def load():
-        return load_splits(args.dataset, args.data_dir, val_size=args.val_size, train_limit=args.train_limit,
-                           test_limit=args.test_limit, seed=args.seed)
     if distributed.is_main():
-        splits = load()
+        splits = splits_from_args(args)
         distributed.barrier()
         return splits
     distributed.barrier()
-    return load()
+    return splits_from_args(args)
 
 
 def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None):
