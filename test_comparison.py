@@ -27,7 +27,8 @@ from utils.data import dataset_info, load_splits, make_loader
 from utils.errors import UserError, run_main
 from utils.evaluation import (ATTACK_NAMES, WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
                               clean_predictions, emit_warning, fwa_default_radius, markdown_table, run_attack,
-                              run_transfer, sanity_warnings, table_columns, tidim_default_kernel, worst_case)
+                              row_accuracies, run_transfer, sanity_warnings, table_columns, tidim_default_kernel,
+                              worst_case)
 from utils.runtime import git_commit, package_versions, resolve_device
 from utils.training import load_model
 
@@ -107,6 +108,8 @@ def build_parser():
     group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds every attack and the --test-limit subset")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored elsewhere)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also write the table to <out-dir>/tensorboard (a run per model, a scalar per column)")
     return parser
 
 
@@ -230,13 +233,6 @@ def model_record(label, path, checkpoint, clean, results, attacks) -> dict:
     }
 
 
-def row_accuracies(record: dict) -> dict:
-    values = {"clean": record["clean"]["accuracy"]}
-    values.update({name: entry["accuracy"] for name, entry in record["attacks"].items()})
-    values.update({f"worst_{threat}": entry["accuracy"] for threat, entry in record["worst_case"].items()})
-    return values
-
-
 def results_csv(records, columns) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -287,6 +283,20 @@ def write_outputs(out_dir: Path, summary: dict, records, columns, attacks, final
     if final:
         atomic_write_text(out_dir / "results.csv", results_csv(records, columns))
         atomic_write_text(out_dir / "results.md", results_markdown(summary, records, columns, attacks))
+
+
+def write_tensorboard(out_dir: Path, records, columns, markdown: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    for record in records:
+        values = row_accuracies(record)
+        with SummaryWriter(str(out_dir / "tensorboard" / record["label"].replace("/", "_"))) as writer:
+            for key, header in columns:
+                if key in values:
+                    writer.add_scalar(f"accuracy/{header}", values[key], 0)
+            writer.add_text("results", markdown, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,6 +388,8 @@ def main(argv=None):
             summary["warnings"].append(line)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_outputs(out_dir, summary, records, columns, attacks, final=True)
+    if args.tensorboard:
+        write_tensorboard(out_dir, records, columns, (out_dir / "results.md").read_text())
     print(markdown_table(labels, columns, [row_accuracies(record) for record in records]), end="")
     print(f"results in {out_dir}/results.json, results.csv, results.md")
     return 0

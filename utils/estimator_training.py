@@ -7,6 +7,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+import numpy
 import torch
 from tqdm import tqdm
 
@@ -18,11 +19,13 @@ from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, p
 from utils.data import make_loader
 from utils.errors import UserError
 from utils.mi import MI_MEASURES, QUANTITIES, QUANTITY_LABELS, local_encodings, masked_mean, mi_quantities, select_misled
+from utils.plots import plot_mi_distributions
 from utils.runtime import attack_generator, autocast, resolve_device, seed_everything
 from utils.training import RunDirectory, TrainingRun, freeze, load_model, splits_from_args, train_epoch
 
 STAGE = "estimators"
 ESTIMATOR_FILE = "estimators.pt"
+MI_VALUES_FILE = "mi_values.npz"
 
 
 def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
@@ -199,30 +202,8 @@ def mi_report(values) -> dict:
     return report
 
 
-def plot_mi_distributions(values, path, title):
-    """Histograms of the four quantities on X' (the paper's Fig. 2/4), written as a PNG."""
-    import matplotlib
-    import numpy
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    selected = values["selected"]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, (clean, adv, label) in zip(axes, (("nat_mi_clean", "nat_mi_adv", "natural MI"),
-                                                ("adv_mi_clean", "adv_mi_adv", "adversarial MI"))):
-        pair = {name: values[name][selected].numpy() for name in (clean, adv)}
-        if not all(data.size for data in pair.values()):
-            continue
-        bins = numpy.histogram_bin_edges(numpy.concatenate(list(pair.values())), bins=40)  # shared, so bars line up
-        for (name, data), colour in zip(pair.items(), ("tab:blue", "tab:red")):
-            axis.hist(data, bins=bins, alpha=0.6, color=colour, label=f"{QUANTITY_LABELS[name]} (mean {data.mean():.3f})")
-        axis.set_title(f"{label}, {int(selected.sum())} selected samples")
-        axis.set_xlabel("per-sample MI estimate")
-        axis.legend(fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def mi_values_numpy(values) -> dict:
+    return {name: values[name].numpy() for name in (*QUANTITIES, "selected")}
 
 
 def write_mi_report(args, splits, target, estimators_path, best_epoch, objective, objective_name, attack, device):
@@ -235,7 +216,9 @@ def write_mi_report(args, splits, target, estimators_path, best_epoch, objective
               "objective": objective_name, "measure": args.mi_measure, "attack": vars(attack), **mi_report(values)}
     folder = Path(estimators_path).parent
     atomic_write_json(folder / "mi_report.json", report)
-    plot_mi_distributions(values, folder / "mi_distributions.png",
+    arrays = mi_values_numpy(values)
+    numpy.savez_compressed(folder / MI_VALUES_FILE, **arrays)  # per-sample values, for reproduce.py's figure
+    plot_mi_distributions({objective_name: arrays}, folder / "mi_distributions.png",
                           f"{objective_name} estimators, {args.dataset} test set, {attack.norm} eps {attack.epsilon:.4g}")
     tqdm.write(report["observation"])
 

@@ -537,6 +537,13 @@ def table_columns(attack_names, attacks: dict, transfer_header: str = None) -> l
     return columns
 
 
+def row_accuracies(record: dict) -> dict:
+    values = {"clean": record["clean"]["accuracy"]}
+    values.update({name: entry["accuracy"] for name, entry in record["attacks"].items()})
+    values.update({f"worst_{threat}": entry["accuracy"] for threat, entry in record["worst_case"].items()})
+    return values
+
+
 def format_percent(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""The whole study from one command: every stage, every defense, every seed, then the comparison table.
+
+For each seed, in dependency order (independent stages run side by side with --jobs):
+    train_standard.py               Standard AT, TRADES, MART (and the transfer surrogate)
+    train_MI_estimator.py           the NAMID estimators, on the Standard AT target
+    train_MI_estimator_only_max.py  the WMIM estimators, on the same target
+    train_MIAT.py                   NAMID, NAMID-T, NAMID-M, WMIM
+    test_comparison.py              every defense under the preset's attacks, and PGD at several budgets
+then results.md / .csv / .json (the paper's Table 1 layout, mean +- std over seeds) and the figures.
+Re-running the same command skips finished stages and resumes an interrupted one.
+
+Examples:
+    python reproduce.py --preset demo                        # about 10 minutes on 2 CPU cores
+    python reproduce.py --preset cifar10-paper --jobs 2      # the paper's study (GPU)
+    python reproduce.py --preset fashion-mnist --seeds 0 1 2 --set train.epochs=10 eval.test-limit=1000
+"""
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from utils.checkpoint import atomic_write_json
+from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
+from utils.errors import run_main
+from utils.pipeline import DEFENSES, build_plan, execute, recorded_seconds, resolve_config, task_state
+from utils.presets import PRESETS
+
+
+def build_parser():
+    described = "; ".join(f"{name}: {preset['description']}" for name, preset in PRESETS.items())
+    parser = ArgumentParser(description="Run the whole NAMID study from a preset and print the comparison table.",
+                            epilog=f"Presets. {described}")
+    group = parser.add_argument_group("study")
+    group.add_argument("--preset", required=True, choices=list(PRESETS))
+    group.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="[SECTION.]FLAG=VALUE",
+                       help="override a stage flag: SECTION is standard, estimators, only-max, namid, eval or surrogate "
+                            "(or train = standard + namid, mi = both estimator stages); without SECTION, every stage "
+                            "script that has FLAG. Lists are space-separated: eval.attacks='pgd aa'. Switches: true/false.")
+    group.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None, help="default: the preset's")
+    group.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
+                       help=f"default: the preset's; any of {', '.join(DEFENSES)}")
+    group.add_argument("--epsilons", type=positive_number, nargs="*", default=None,
+                       help="L-inf budgets of the robust-accuracy-against-epsilon curve (none: no curve)")
+    group.add_argument("--curve-steps", type=positive_int, default=None, help="PGD steps of that curve")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--out", default=None, help="study folder (default checkpoints/reproduce_<preset>)")
+    group.add_argument("--jobs", type=positive_int, default=None,
+                       help="stages run at once (default: the preset's; each gets cores / jobs CPU threads)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    group.add_argument("--data-dir", default="data", help="where datasets live, in torchvision's layout")
+    group.add_argument("--tensorboard", action="store_true", help="every stage also logs to <its folder>/tensorboard")
+    group.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the plan; run nothing")
+    return parser
+
+
+def describe_plan(tasks) -> str:
+    lines = []
+    for task in tasks:
+        lines.append(f"[{task_state(task)}] {task.name}: {shlex.join(['python3', task.script, *task.argv])}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    runner = {"seeds": args.seeds, "defenses": args.defenses, "jobs": args.jobs, "curve_steps": args.curve_steps,
+              "epsilons": args.epsilons}
+    config = resolve_config(args.preset, args.overrides, runner)
+    out = Path(args.out or f"checkpoints/reproduce_{args.preset}")
+    tasks = build_plan(config, out, args.device, args.data_dir, args.tensorboard)
+    if args.dry_run:
+        print(json.dumps(config, indent=2))
+        print(describe_plan(tasks))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
+    started = time.perf_counter()
+    execute(tasks, config["jobs"], out / "logs")
+    invocation = {"command": shlex.join(["reproduce.py", *argv]), "seconds": round(time.perf_counter() - started, 1),
+                  "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})"}
+    from utils.study import write_study  # matplotlib only once everything has run
+    table = write_study(config, tasks, out, recorded_seconds(tasks), invocation)
+    print(table, end="")
+    print(f"results in {out}/results.md, results.csv, results.json and the figures beside them")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

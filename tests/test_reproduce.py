@@ -1,0 +1,187 @@
+"""reproduce.py: preset resolution and overrides, the plan, and a tiny study end to end (skipping,
+resumption after a kill, the table and the figures)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import assert_one_line_error, run_script
+from utils.errors import UserError
+from utils.pipeline import MARKER, build_plan, resolve_config
+from utils.study import cell_stats, format_cell
+
+RUNNER = {"seeds": None, "defenses": None, "jobs": None, "curve_steps": None, "epsilons": None}
+
+
+def plan(overrides=(), **runner):
+    config = resolve_config("demo", list(overrides), {**RUNNER, **runner})
+    return config, {task.name: task for task in build_plan(config, REPO / "study", "cpu", "data")}
+
+
+def flag_value(argv, flag):
+    index = argv.index(flag)
+    return argv[index + 1]
+
+
+def test_preset_overrides_reach_the_stage_scripts():
+    config, tasks = plan(["train.epochs=7", "namid.alpha=2", "eval.attacks=pgd aa", "lr=0.01",
+                          "namid.no-adv-mi=true", "estimators.estimator-loss=paper"], seeds=[3])
+    standard, namid = tasks["seed3/standard-at"].argv, tasks["seed3/namid"].argv
+    estimators = tasks["seed3/estimators"].argv
+    assert flag_value(standard, "--epochs") == "7" and flag_value(namid, "--epochs") == "7"
+    assert flag_value(estimators, "--epochs") == "2"  # train.* leaves the estimator stages alone
+    assert flag_value(namid, "--alpha") == "2" and "--alpha" not in standard
+    assert "--no-adv-mi" in namid and "--no-adv-mi" not in tasks["seed3/standard-at"].argv
+    # a plain FLAG=VALUE goes to every stage script that has the flag
+    assert flag_value(standard, "--lr") == "0.01" and flag_value(estimators, "--lr") == "0.01"
+    assert flag_value(estimators, "--estimator-loss") == "paper"
+    evaluation = tasks["seed3/eval-namid"].argv
+    assert evaluation[evaluation.index("--attacks") + 1:evaluation.index("--attacks") + 3] == ["pgd", "aa"]
+    assert flag_value(standard, "--seed") == "3" and flag_value(standard, "--dataset") == "fashion-mnist"
+    assert config["overrides"][1] == "namid.alpha=2"
+
+
+def test_plan_wires_every_defense_to_its_inputs():
+    _, tasks = plan()
+    assert flag_value(tasks["seed0/namid-t"].argv, "--estimators").endswith("seed0/estimators/estimators.pt")
+    assert flag_value(tasks["seed0/wmim"].argv, "--estimators").endswith("seed0/only-max/estimators.pt")
+    assert flag_value(tasks["seed0/wmim"].argv, "--mi-mode") == "wmim"
+    assert flag_value(tasks["seed0/only-max"].argv, "--target-model").endswith("seed0/standard-at/best.pt")
+    assert flag_value(tasks["seed0/mart"].argv, "--loss") == "mart"
+    curve = tasks["seed0/curve-eps0.1"].argv
+    assert flag_value(curve, "--epsilon") == "0.1" and flag_value(curve, "--attacks") == "pgd"
+    assert len(tasks) == 7 + 2 + 7 + 4  # trainings, estimators, evaluations, curve points
+    # without NAMID-family defenses there are no estimators, but NAMID alone still needs Standard AT's target
+    _, tasks = plan(defenses=["namid"])
+    assert sorted(tasks) == ["seed0/curve-eps0.05", "seed0/curve-eps0.1", "seed0/curve-eps0.15", "seed0/curve-eps0.2",
+                             "seed0/estimators", "seed0/eval-namid", "seed0/namid", "seed0/standard-at"]
+
+
+@pytest.mark.parametrize("overrides, runner, fragment", [
+    (["nosuchflag=1"], {}, "no stage script has --nosuchflag"),
+    (["namid.epsilon"], {}, "expected FLAG=VALUE"),
+    (["seed=4"], {}, "the runner sets --seed itself"),
+    (["model-dir=x"], {}, "the runner sets --model-dir"),
+    (["nosection.epochs=3"], {}, "no section 'nosection'"),
+    (["eval.alpha=3"], {}, "test_comparison.py has no --alpha"),
+    (["namid.no-adv-mi=maybe"], {}, "expected true or false"),
+    (["eval.attacks=pgd transfer"], {}, "the transfer attack needs a surrogate"),
+    ([], {"defenses": ["fgsm-at"]}, "unknown defense 'fgsm-at'"),
+])
+def test_bad_configurations_are_refused(overrides, runner, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        plan(overrides, **runner)
+
+
+def test_bad_input_is_one_line_on_stderr():
+    assert_one_line_error(run_script("reproduce.py", ["--preset", "nope"]), "invalid choice")
+    assert_one_line_error(run_script("reproduce.py", ["--preset", "demo", "--set", "eval.alpha=1"]), "has no --alpha")
+
+
+def test_cells_are_mean_and_sample_std():
+    stats = cell_stats([0.5, 0.7, 0.6])
+    assert stats["mean"] == pytest.approx(0.6) and stats["std"] == pytest.approx(0.1)  # sqrt(0.02 / 2)
+    assert format_cell(stats) == "60.00 ± 10.00"
+    assert format_cell(cell_stats([0.25])) == "25.00"
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny study end to end: two defenses, one seed, a few hundred images
+
+
+def tiny_study_args(out, data_dir, *extra):
+    return ["--preset", "demo", "--defenses", "standard-at", "namid", "--seeds", "0", "--jobs", "1",
+            "--epsilons", "0.05", "0.1", "--curve-steps", "3", "--out", str(out), "--data-dir", str(data_dir),
+            "--device", "cpu", "--tensorboard", "--set", "train-limit=300", "val-size=100", "test-limit=100", "train.epochs=3",
+            "train.eval-steps=3", "train.warmup-epochs=0", "mi.epochs=1", "eval.pgd-steps=5", "eval.pgd-l2-steps=5",
+            *extra]
+
+
+def run_study(args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(fmnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    result = run_study(tiny_study_args(out, fmnist_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
+    out, result = tiny_study
+    results = json.loads((out / "results.json").read_text())
+    assert [c["header"] for c in results["columns"]] == ["None", "PGD-5", "Worst L-inf", "PGD-5 (L2)", "Worst L2"]
+    for defense in ("standard-at", "namid"):
+        cells = results["cells"][defense]
+        assert set(cells) == {"clean", "pgd", "worst_linf", "pgd-l2", "worst_l2"}
+        for stats in cells.values():
+            assert stats["n"] == 1 and 0 <= stats["mean"] <= 1
+        # the table's numbers are the evaluation's own
+        evaluation = json.loads((out / "seed0" / f"eval-{defense}" / "results.json").read_text())
+        assert cells["pgd"]["mean"] == evaluation["models"][0]["attacks"]["pgd"]["accuracy"]
+        assert cells["clean"]["mean"] >= cells["worst_linf"]["mean"]
+    table = (out / "results.md").read_text()
+    assert "| Standard AT |" in table and "| NAMID |" in table and "Seed 0: each seed" in table
+    assert "| Standard AT |" in result.stdout  # the table is printed
+    for name in ("training_curves.png", "mi_distributions.png", "robust_vs_epsilon.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    curve = results["robust_vs_epsilon"]
+    assert curve["epsilons"] == [0.0, 0.05, 0.1]
+    standard = curve["accuracy"]["Standard AT"][0]
+    assert standard[0] == results["cells"]["standard-at"]["clean"]["mean"]  # epsilon 0 is clean accuracy
+    assert len(results["training_curves"]["NAMID"]["clean"][0]) == 3  # one point per epoch
+    config = json.loads((out / "config.json").read_text())
+    assert config["namid"]["epochs"] == "3" and config["preset"] == "demo"
+    for stage in ("standard-at", "estimators", "namid", "eval-namid", "curve-eps0.05"):
+        assert (out / "seed0" / stage / MARKER).is_file(), stage
+        events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))
+        assert events and all(path.stat().st_size > 0 for path in events), stage  # --tensorboard reached every stage
+
+
+def test_rerun_skips_completed_stages(tiny_study, fmnist_dir):
+    out, _ = tiny_study
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".pt", ".json") and p.parent != out}
+    result = run_study(tiny_study_args(out, fmnist_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("complete, skipped") == 7 and "running" not in result.stderr
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after
+
+
+def test_changed_settings_never_overwrite_a_finished_stage(tiny_study, fmnist_dir):
+    out, _ = tiny_study
+    digest = (out / "seed0" / "namid" / "best.pt").read_bytes()
+    result = run_study(tiny_study_args(out, fmnist_dir, "namid.alpha=2"))
+    assert_one_line_error(result, "holds a finished run made with other settings (--alpha)")
+    assert (out / "seed0" / "namid" / "best.pt").read_bytes() == digest
+
+
+def test_a_killed_stage_resumes_and_the_table_equals_an_uninterrupted_run(tiny_study, fmnist_dir, tmp_path):
+    reference, _ = tiny_study
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), *tiny_study_args(out, fmnist_dir)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    last = out / "seed0" / "namid" / "last.pt"
+    deadline = time.time() + 400
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the runner and its stage, mid-way through NAMID's epochs
+    process.wait()
+    assert last.exists() and not (out / "seed0" / "namid" / MARKER).exists()
+    result = run_study(tiny_study_args(out, fmnist_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "seed0/namid: resuming" in result.stderr and "seed0/standard-at: complete, skipped" in result.stderr
+    first, second = (json.loads((folder / "results.json").read_text()) for folder in (reference, out))
+    assert second["cells"] == first["cells"]
+    assert second["robust_vs_epsilon"] == first["robust_vs_epsilon"]

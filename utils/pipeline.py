@@ -1,0 +1,432 @@
+"""The study runner behind reproduce.py: a preset and its overrides become the stage scripts' command
+lines, run in dependency order, each stage skipped when its outputs are complete and resumed when
+they are not.
+
+Every stage writes into its own folder under the study folder:
+    seed<s>/<defense>            stages 1 and 3 (best.pt, last.pt, metrics.csv, config.json)
+    seed<s>/estimators, seed<s>/only-max, seed<s>/surrogate
+    seed<s>/eval-<defense>       stage 4: the comparison table's row (results.json)
+    seed<s>/curve-eps<e>         stage 4: PGD at one budget for every defense
+and, when it finished, a reproduce_stage.json with the exact command line and the SHA-256 of the
+files it read. A stage is skipped only when that record matches what would be run now.
+"""
+import copy
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.checkpoint import atomic_write_json
+from utils.errors import UserError
+from utils.presets import ALL_DEFENSES, PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "reproduce_stage.json"
+SCRIPTS = {"standard": "train_standard.py", "estimators": "train_MI_estimator.py",
+           "only-max": "train_MI_estimator_only_max.py", "namid": "train_MIAT.py", "eval": "test_comparison.py"}
+# Sections a --set may name, with the stage script whose flags they take.
+SECTIONS = {"standard": "standard", "estimators": "estimators", "only-max": "only-max", "namid": "namid",
+            "eval": "eval", "surrogate": "standard"}
+SECTION_GROUPS = {"train": ("standard", "namid"), "mi": ("estimators", "only-max")}
+# Flags the runner sets itself, per run: overriding them would break the study's wiring.
+RUNNER_OWNED = {"model-dir", "model_dir", "out-dir", "target-model", "estimators", "checkpoints", "surrogate",
+                "resume", "seed", "loss", "base-loss", "mi-mode", "labels", "report-only", "device", "data-dir",
+                "tensorboard"}
+
+
+@dataclass(frozen=True)
+class Defense:
+    label: str      # as the paper's tables name it
+    section: str    # standard (stage 1) or namid (stage 3)
+    flags: tuple    # what makes this defense, e.g. ("--loss", "trades")
+    estimators: str = None  # the stage-2 run it needs
+
+
+DEFENSES = {
+    "standard-at": Defense("Standard AT", "standard", ("--loss", "at")),
+    "namid": Defense("NAMID", "namid", ("--base-loss", "at"), "estimators"),
+    "trades": Defense("TRADES", "standard", ("--loss", "trades")),
+    "namid-t": Defense("NAMID-T", "namid", ("--base-loss", "trades"), "estimators"),
+    "mart": Defense("MART", "standard", ("--loss", "mart")),
+    "namid-m": Defense("NAMID-M", "namid", ("--base-loss", "mart"), "estimators"),
+    "wmim": Defense("WMIM", "namid", ("--mi-mode", "wmim"), "only-max"),
+}
+assert tuple(DEFENSES) == ALL_DEFENSES
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: preset, overrides, and the flags every stage script knows
+
+
+def stage_flags() -> dict:
+    """Per stage script, its option names (without --) mapped to whether they are on/off switches."""
+    import test_comparison
+    import train_MI_estimator
+    import train_MI_estimator_only_max
+    import train_MIAT
+    import train_standard
+
+    modules = {"standard": train_standard, "estimators": train_MI_estimator, "only-max": train_MI_estimator_only_max,
+               "namid": train_MIAT, "eval": test_comparison}
+    flags = {}
+    for stage, module in modules.items():
+        known = {}
+        for action in module.build_parser()._actions:
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    known[option[2:]] = action.nargs == 0
+        flags[stage] = known
+    return flags
+
+
+def parse_switch(text: str, where: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"{where}: expected true or false, got {text!r}")
+
+
+def apply_override(config: dict, item: str, flags: dict):
+    """--set SECTION.FLAG=VALUE, GROUP.FLAG=VALUE (train, mi) or FLAG=VALUE (every stage that has FLAG)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected FLAG=VALUE or SECTION.FLAG=VALUE")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    section, _, flag = key.rpartition(".")
+    flag = flag.replace("_", "-")
+    if flag in RUNNER_OWNED:
+        raise UserError(f"--set {item!r}: the runner sets --{flag} itself (seeds: --seeds, defenses: --defenses, "
+                        f"device: --device)")
+    if section:
+        targets = SECTION_GROUPS.get(section, (section,))
+        unknown = [name for name in targets if name not in SECTIONS]
+        if unknown:
+            raise UserError(f"--set {item!r}: no section {section!r} (sections: "
+                            f"{', '.join([*SECTIONS, *SECTION_GROUPS])})")
+        missing = [name for name in targets if flag not in flags[SECTIONS[name]]]
+        if missing:
+            raise UserError(f"--set {item!r}: {SCRIPTS[SECTIONS[missing[0]]]} has no --{flag}")
+    else:
+        targets = [name for name in SECTIONS if flag in flags[SECTIONS[name]]]
+        if not targets:
+            raise UserError(f"--set {item!r}: no stage script has --{flag}")
+    for name in targets:
+        if name == "surrogate" and config.get("surrogate") is None:
+            if section != "surrogate":
+                continue
+            config["surrogate"] = {}
+        if flags[SECTIONS[name]][flag]:
+            value = parse_switch(value, f"--set {item}")
+        config[name][flag] = value
+
+
+def resolve_config(preset: str, overrides, runner: dict) -> dict:
+    """The preset with the --set overrides and the runner's flags applied; every section's flags
+    final (the preset's common flags copied into each stage script that has them)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
+    flags = stage_flags()
+    config = copy.deepcopy(PRESETS[preset])
+    common = config.pop("common", {})
+    for name, script in SECTIONS.items():
+        if config.get(name) is None:
+            continue
+        base = dict(config["standard"]) if name == "surrogate" else {}
+        own = {key: value for key, value in common.items() if key in flags[script]}
+        config[name] = {**own, **base, **config[name]}
+    for item in overrides or ():
+        apply_override(config, item, flags)
+    for key, value in runner.items():
+        if value is not None:
+            config[key] = value
+    unknown = [name for name in config["defenses"] if name not in DEFENSES]
+    if unknown:
+        raise UserError(f"--defenses: unknown defense {unknown[0]!r} (defenses: {', '.join(DEFENSES)})")
+    if not config["defenses"]:
+        raise UserError("--defenses: name at least one defense")
+    if "transfer" in attack_list(config) and config.get("surrogate") is None:
+        raise UserError("the transfer attack needs a surrogate: add --set surrogate.arch=vgg19 "
+                        "(or drop transfer from eval.attacks)")
+    config["preset"] = preset
+    config["overrides"] = list(overrides or ())
+    return config
+
+
+def attack_list(config) -> list:
+    attacks = config["eval"].get("attacks", [])
+    return attacks.split() if isinstance(attacks, str) else list(attacks)
+
+
+def flag_tokens(section_flags: dict, switches: dict) -> list:
+    """A section's flags as command-line tokens: switches bare, lists and space-separated strings spread."""
+    tokens = []
+    for flag, value in section_flags.items():
+        if switches.get(flag):
+            if value is True or (isinstance(value, str) and parse_switch(value, f"--{flag}")):
+                tokens.append(f"--{flag}")
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            tokens += [f"--{flag}", *map(str, value)]
+        elif isinstance(value, str):
+            tokens += [f"--{flag}", *value.split()]
+        else:
+            tokens += [f"--{flag}", repr(value) if isinstance(value, float) else str(value)]
+    return tokens
+
+
+def epsilon_name(epsilon) -> str:
+    value = float(Fraction(str(epsilon)))
+    return f"{value:.6g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: one task per stage run
+
+
+@dataclass
+class Task:
+    name: str           # e.g. seed0/namid
+    kind: str           # standard, estimators, only-max, namid, eval, curve
+    script: str
+    argv: list
+    run_dir: Path
+    seed: int
+    deps: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)   # files it reads (their SHA-256 is recorded)
+    defense: str = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.kind not in ("eval", "curve")
+
+    @property
+    def command(self) -> list:
+        return [sys.executable, str(ROOT / self.script), *self.argv]
+
+
+def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard: bool = False) -> list:
+    flags = stage_flags()
+    tasks = []
+    runtime = ["--device", device, "--data-dir", data_dir] + (["--tensorboard"] if tensorboard else [])
+    eval_runtime = runtime
+
+    def section(name, **drop):
+        kept = {k: v for k, v in config[name].items() if k not in drop}
+        return flag_tokens(kept, flags[SECTIONS[name]])
+
+    attacks = attack_list(config)
+    for seed in config["seeds"]:
+        folder = out / f"seed{seed}"
+        seed_flags = ["--seed", str(seed)]
+        defenses = config["defenses"]
+        estimator_runs = sorted({DEFENSES[d].estimators for d in defenses if DEFENSES[d].estimators})
+        stage1 = [d for d in ALL_DEFENSES if DEFENSES[d].section == "standard"
+                  and (d in defenses or (d == "standard-at" and estimator_runs))]
+        by_name = {}
+
+        def add(task):
+            tasks.append(task)
+            by_name[task.name] = task
+            return task
+
+        for defense in stage1:
+            run_dir = folder / defense
+            add(Task(f"seed{seed}/{defense}", "standard", SCRIPTS["standard"],
+                     section("standard") + list(DEFENSES[defense].flags) + seed_flags + ["--model-dir", str(run_dir)]
+                     + runtime, run_dir, seed, defense=defense))
+        target = folder / "standard-at" / "best.pt"
+        for run in estimator_runs:
+            run_dir = folder / run
+            add(Task(f"seed{seed}/{run}", run, SCRIPTS[run],
+                     section(run) + ["--target-model", str(target)] + seed_flags + ["--model-dir", str(run_dir)] + runtime,
+                     run_dir, seed, deps=[f"seed{seed}/standard-at"], inputs=[target]))
+        surrogate = None
+        if "transfer" in attacks:
+            run_dir = folder / "surrogate"
+            surrogate = add(Task(f"seed{seed}/surrogate", "standard", SCRIPTS["standard"],
+                                 section("surrogate") + ["--loss", "at"] + seed_flags + ["--model-dir", str(run_dir)]
+                                 + runtime, run_dir, seed))
+        for defense in defenses:
+            spec = DEFENSES[defense]
+            if spec.section != "namid":
+                continue
+            run_dir = folder / defense
+            estimators = folder / spec.estimators / "estimators.pt"
+            add(Task(f"seed{seed}/{defense}", "namid", SCRIPTS["namid"],
+                     section("namid") + ["--estimators", str(estimators)] + list(spec.flags) + seed_flags
+                     + ["--model-dir", str(run_dir)] + runtime,
+                     run_dir, seed, deps=[f"seed{seed}/{spec.estimators}"], inputs=[estimators], defense=defense))
+        for defense in defenses:
+            run_dir = folder / f"eval-{defense}"
+            checkpoint = folder / defense / "best.pt"
+            extra, deps, inputs = [], [f"seed{seed}/{defense}"], [checkpoint]
+            if surrogate is not None:
+                extra = ["--surrogate", str(surrogate.run_dir / "best.pt")]
+                deps.append(surrogate.name)
+                inputs.append(surrogate.run_dir / "best.pt")
+            add(Task(f"seed{seed}/eval-{defense}", "eval", SCRIPTS["eval"],
+                     section("eval") + ["--checkpoints", str(checkpoint), "--labels", DEFENSES[defense].label] + extra
+                     + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
+                     run_dir, seed, deps=deps, inputs=inputs, defense=defense))
+        checkpoints = [folder / defense / "best.pt" for defense in defenses]
+        for epsilon in config.get("epsilons") or ():
+            run_dir = folder / f"curve-eps{epsilon_name(epsilon)}"
+            add(Task(f"seed{seed}/curve-eps{epsilon_name(epsilon)}", "curve", SCRIPTS["eval"],
+                     section("eval", attacks=1, **{"pgd-steps": 1, "pgd-step-size": 1, "epsilon": 1})
+                     + ["--attacks", "pgd", "--pgd-steps", str(config["curve_steps"]), "--epsilon", str(epsilon),
+                        "--checkpoints", *map(str, checkpoints), "--labels", *[DEFENSES[d].label for d in defenses]]
+                     + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
+                     run_dir, seed, deps=[f"seed{seed}/{d}" for d in defenses], inputs=checkpoints))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------
+# Completion records and execution
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_hashes(task: Task) -> dict:
+    return {str(path): sha256(path) for path in task.inputs if Path(path).is_file()}
+
+
+def differing_flags(old: list, new: list) -> str:
+    old_set, new_set = set(zip(old, old[1:] + [""])), set(zip(new, new[1:] + [""]))
+    changed = sorted({a for a, _ in old_set ^ new_set if a.startswith("--")})
+    return ", ".join(changed[:4]) or "argument order"
+
+
+def task_state(task: Task) -> str:
+    """done (skip), resume, or fresh; a finished training stage run with other settings is an error,
+    because re-training over it would destroy a finished result."""
+    marker = task.run_dir / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        same_command = record.get("argv") == task.argv
+        same_inputs = record.get("inputs") == input_hashes(task)
+        if same_command and same_inputs:
+            return "done"
+        if task.resumable:
+            why = (f"other settings ({differing_flags(record.get('argv', []), task.argv)})" if not same_command
+                   else "inputs that have changed since (an earlier stage was re-run)")
+            raise UserError(f"{task.run_dir} holds a finished run made with {why}; pass another --out, "
+                            f"or delete that folder to redo it")
+        return "fresh"  # an evaluation is simply redone
+    if task.resumable and (task.run_dir / "last.pt").is_file():
+        return "resume"
+    return "fresh"
+
+
+class StageFailed(UserError):
+    pass
+
+
+def run_task(task: Task, state: str, log_dir: Path, env: dict) -> float:
+    command = task.command + (["--resume"] if state == "resume" else [])
+    log = log_dir / (task.name.replace("/", "_") + ".log")
+    started = time.perf_counter()
+    with open(log, "a") as handle:
+        handle.write(f"\n$ {shlex.join(command)}\n")
+        handle.flush()
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - started
+    if code != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        last = lines[-1].split("\r")[-1].strip() if lines else ""
+        raise StageFailed(f"{task.name} failed (exit status {code}): {last} [log: {log}]")
+    atomic_write_json(task.run_dir / MARKER, {"argv": task.argv, "script": task.script, "inputs": input_hashes(task),
+                                              "seconds": round(seconds, 1), "resumed": state == "resume",
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return seconds
+
+
+def child_environment(jobs: int) -> dict:
+    """Parallel stages share the cores: each gets cores / jobs threads (unless OMP_NUM_THREADS is set),
+    so that they do not oversubscribe the CPU (10x slower here when they do)."""
+    env = dict(os.environ)
+    env.setdefault("TQDM_MININTERVAL", "10")  # progress lines in the logs, not thousands of redraws
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def say(line: str):
+    """Progress on stderr, beside the bar: stdout carries only the final table."""
+    tqdm.write(line, file=sys.stderr)
+
+
+def execute(tasks: list, jobs: int, log_dir: Path) -> dict:
+    """Run every task after its dependencies, up to `jobs` at a time. After a failure nothing new is
+    started; the running stages finish, and the first failure is raised. Returns seconds per task run."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for task in tasks:  # conflicts surface before any work starts
+        if (task.run_dir / MARKER).is_file() and all(Path(p).is_file() for p in task.inputs):
+            task_state(task)
+    env = child_environment(jobs)
+    pending, done, running, seconds, failure = list(tasks), set(), {}, {}, None
+    bar = tqdm(total=len(tasks), desc="stages", unit="stage", dynamic_ncols=True)
+
+    def start(task):
+        state = task_state(task)
+        if state == "done":
+            return None
+        say(f"{task.name}: {'resuming' if state == 'resume' else 'running'} {task.script}")
+        return run_task(task, state, log_dir, env)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            if failure is None:
+                for task in [t for t in pending if all(d in done for d in t.deps)]:
+                    if len(running) >= jobs:
+                        break
+                    pending.remove(task)
+                    running[pool.submit(start, task)] = task
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    took = future.result()
+                except UserError as error:
+                    failure = failure or error
+                    continue
+                done.add(task.name)
+                bar.update(1)
+                if took is None:
+                    say(f"{task.name}: complete, skipped")
+                else:
+                    seconds[task.name] = took
+                    say(f"{task.name}: done in {took:.0f} s")
+    bar.close()
+    if failure is not None:
+        raise failure
+    return seconds
+
+
+def recorded_seconds(tasks: list) -> dict:
+    """Wall time of every finished stage, from its completion record."""
+    result = {}
+    for task in tasks:
+        marker = task.run_dir / MARKER
+        if marker.is_file():
+            result[task.name] = json.loads(marker.read_text()).get("seconds")
+    return result

@@ -1,0 +1,202 @@
+"""What reproduce.py writes at the end of a study: the comparison table in the layout of the paper's
+Table 1 with mean and standard deviation over seeds per cell (results.md, .csv, .json), and the
+figures (training curves, stage 2's MI distributions, robust accuracy against epsilon)."""
+import csv
+import io
+import json
+import statistics
+from fractions import Fraction
+from pathlib import Path
+
+import numpy
+
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.estimator_training import MI_VALUES_FILE
+from utils.evaluation import row_accuracies
+from utils.pipeline import DEFENSES
+from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
+
+# SPEC section 7: the paper's Table 1 on CIFAR-10 with ResNet-18 (clean, PGD-40, AutoAttack), for orientation.
+PAPER_TABLE1 = {"Standard AT": (83.39, 42.38, 39.01), "NAMID": (83.41, 44.79, 39.26), "TRADES": (80.70, 46.29, 42.71),
+                "NAMID-T": (80.67, 47.53, 43.39), "MART": (78.21, 50.23, 43.96), "NAMID-M": (78.38, 51.69, 44.42)}
+FIGURES = {"training_curves.png": "clean and PGD accuracy per epoch of every defense (mean over seeds, band: +- 1 std)",
+           "mi_distributions.png": "stage 2's per-sample MI estimates on the selected test samples (seeds pooled)",
+           "robust_vs_epsilon.png": "PGD accuracy against the L-inf budget for every defense (mean +- 1 std over seeds)"}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def cell_stats(values: list) -> dict:
+    """Mean and sample standard deviation (n - 1) over seeds, in [0, 1]."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def format_cell(stats) -> str:
+    if stats is None:
+        return "-"
+    if stats["std"] is None:
+        return f"{100 * stats['mean']:.2f}"
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+
+def comparison(config: dict, tasks: list) -> dict:
+    """Per defense and column, the statistics over seeds of the evaluation's accuracies."""
+    evals = [task for task in tasks if task.kind == "eval"]
+    columns, per_defense, warnings, test_images = [], {}, [], set()
+    for task in evals:
+        results = _read_json(task.run_dir / "results.json")
+        for column in results["columns"]:
+            if (column["key"], column["header"]) not in columns:
+                columns.append((column["key"], column["header"]))
+        per_defense.setdefault(task.defense, {})[task.seed] = row_accuracies(results["models"][0])
+        warnings += [f"seed {task.seed}: {line}" for line in results.get("warnings", [])]
+        test_images.add(results["test_images"])
+    cells = {}
+    for defense in config["defenses"]:
+        seeds = per_defense.get(defense, {})
+        cells[defense] = {key: cell_stats([seeds[s][key] for s in sorted(seeds) if key in seeds[s]])
+                          for key, _ in columns if any(key in row for row in seeds.values())}
+    return {"columns": columns, "cells": cells, "warnings": warnings, "test_images": sorted(test_images)}
+
+
+def comparison_markdown(config: dict, table: dict) -> str:
+    columns = table["columns"]
+    lines = ["| Defense | " + " | ".join(header for _, header in columns) + " |",
+             "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for defense in config["defenses"]:
+        cells = table["cells"][defense]
+        lines.append(f"| {DEFENSES[defense].label} | " + " | ".join(format_cell(cells.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(config: dict, table: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["defense", "label", "column", "header", "mean", "std", "seeds", "per_seed"])
+    for defense in config["defenses"]:
+        for key, header in table["columns"]:
+            stats = table["cells"][defense].get(key)
+            if stats:
+                writer.writerow([defense, DEFENSES[defense].label, key, header, f"{stats['mean']:.6f}",
+                                 "" if stats["std"] is None else f"{stats['std']:.6f}", stats["n"],
+                                 " ".join(f"{v:.6f}" for v in stats["values"])])
+    return buffer.getvalue()
+
+
+def _metrics_columns(path: Path) -> dict:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) if row.get(key) not in (None, "") else float("nan") for row in rows]
+            for key in (rows[0] if rows else {})}
+
+
+def training_curves(config: dict, tasks: list) -> dict:
+    """Per defense, per-seed per-epoch clean and PGD accuracy (test split if evaluated, else validation)."""
+    curves = {}
+    for task in tasks:
+        if task.kind not in ("standard", "namid") or task.defense not in config["defenses"]:
+            continue
+        metrics = _metrics_columns(task.run_dir / "metrics.csv")
+        split = "test" if not all(numpy.isnan(metrics.get("test_pgd_acc", [float("nan")]))) else "val"
+        entry = curves.setdefault(DEFENSES[task.defense].label, {"clean": [], "robust": [], "split": split})
+        entry["clean"].append(metrics[f"{split}_clean_acc"])
+        entry["robust"].append(metrics[f"{split}_pgd_acc"])
+    order = [DEFENSES[d].label for d in config["defenses"]]
+    return {label: curves[label] for label in order if label in curves}
+
+
+def robustness_curves(config: dict, tasks: list):
+    """Epsilons (0 first: clean accuracy) and per defense the per-seed accuracies at each of them."""
+    epsilons = sorted({float(Fraction(str(e))) for e in config.get("epsilons") or ()})
+    if not epsilons:
+        return [], {}
+    by_seed = {}
+    for task in tasks:
+        if task.kind == "curve":
+            results = _read_json(task.run_dir / "results.json")
+            epsilon = float(results["epsilon_linf"])
+            for record in results["models"]:
+                by_seed.setdefault(task.seed, {}).setdefault(record["label"], {})[epsilon] = record["attacks"]["pgd"]["accuracy"]
+                by_seed[task.seed][record["label"]][0.0] = record["clean"]["accuracy"]
+    grid = [0.0] + epsilons
+    curves = {}
+    for defense in config["defenses"]:
+        label = DEFENSES[defense].label
+        series = [[by_seed[s][label].get(_closest(by_seed[s][label], e)) for e in grid] for s in sorted(by_seed)
+                  if label in by_seed[s]]
+        if series:
+            curves[label] = series
+    return grid, curves
+
+
+def _closest(values: dict, epsilon: float) -> float:
+    return min(values, key=lambda key: abs(key - epsilon))
+
+
+def mi_runs(tasks: list) -> dict:
+    """Per stage-2 run kind, the per-sample MI values of every seed pooled."""
+    pooled = {}
+    for task in tasks:
+        path = task.run_dir / MI_VALUES_FILE
+        if task.kind in ("estimators", "only-max") and path.is_file():
+            with numpy.load(path) as data:
+                for name in data.files:
+                    pooled.setdefault(task.kind, {}).setdefault(name, []).append(data[name])
+    return {kind: {name: numpy.concatenate(parts) for name, parts in values.items()} for kind, values in pooled.items()}
+
+
+def paper_markdown() -> str:
+    lines = ["| Defense | None | PGD-40 | AA |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, (a, b, c) in PAPER_TABLE1.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> str:
+    """results.md/.csv/.json and the figures in `out`; returns the markdown table."""
+    table = comparison(config, tasks)
+    dataset = config["eval"].get("dataset") or config["standard"].get("dataset", "")
+    seeds = ("seed " if len(config["seeds"]) == 1 else "seeds ") + ", ".join(map(str, config["seeds"]))
+    markdown_table = comparison_markdown(config, table)
+    written = []
+    curves = training_curves(config, tasks)
+    if curves:
+        plot_training_curves(curves, out / "training_curves.png", f"{config['preset']}: training curves ({seeds})")
+        written.append("training_curves.png")
+    runs = mi_runs(tasks)
+    if runs:
+        plot_mi_distributions(runs, out / "mi_distributions.png",
+                              f"{config['preset']}: stage-2 MI estimates on the test set's selected samples ({seeds} pooled)")
+        written.append("mi_distributions.png")
+    grid, robustness = robustness_curves(config, tasks)
+    if robustness:
+        plot_robustness_curves(robustness, grid, out / "robust_vs_epsilon.png",
+                               f"{config['preset']}: PGD-{config['curve_steps']} accuracy ({seeds})")
+        written.append("robust_vs_epsilon.png")
+    images = " / ".join(map(str, table["test_images"]))
+    total = sum(value or 0 for value in stage_seconds.values())
+    lines = [f"# {config['preset']}: robust accuracy (%) on {dataset or 'the test set'}, mean ± std over "
+             f"{len(config['seeds'])} seed(s)", "", markdown_table,
+             f"{seeds.capitalize()}: each seed trains every stage anew and is evaluated on its own {images} test images "
+             f"(class-balanced subset when eval.test-limit is set). A cell is the mean ± the sample standard "
+             f"deviation over seeds of the per-seed accuracy; the worst-case columns count an example only if it "
+             f"is correct when clean and survives every attack of its threat model (test_comparison.py).",
+             "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
+             f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
+             f"over {len(stage_seconds)} stage runs; this invocation: {invocation['seconds']:.0f} s on "
+             f"{invocation['machine']}.", "",
+             "## The paper's Table 1 (CIFAR-10, ResNet-18), for orientation", "", paper_markdown(),
+             "## Figures", ""]
+    lines += [f"- `{name}`: {FIGURES[name]}" for name in written] or ["none"]
+    lines += ["", "## Warnings from the evaluations", ""]
+    lines += [f"- {line}" for line in table["warnings"]] or ["none"]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.csv", comparison_csv(config, table))
+    atomic_write_json(out / "results.json", {
+        "preset": config["preset"], "config": config, "columns": [{"key": k, "header": h} for k, h in table["columns"]],
+        "cells": table["cells"], "test_images": table["test_images"], "warnings": table["warnings"],
+        "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
+        "training_curves": curves, "figures": written, "stage_seconds": stage_seconds, "invocation": invocation})
+    return markdown_table
