@@ -26,7 +26,7 @@ from pathlib import Path
 from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
 from utils.errors import run_main
-from utils.pipeline import DEFENSES, build_plan, execute, recorded_seconds, resolve_config, task_state
+from utils.pipeline import DEFENSES, build_plan, check_command_lines, execute, recorded_seconds, resolve_config, task_state
 from utils.presets import PRESETS
 
 
@@ -72,6 +72,7 @@ def main(argv=None):
     config = resolve_config(args.preset, args.overrides, runner)
     out = Path(args.out or f"checkpoints/reproduce_{args.preset}")
     tasks = build_plan(config, out, args.device, args.data_dir, args.tensorboard)
+    check_command_lines(tasks)
     if args.dry_run:
         print(json.dumps(config, indent=2))
         print(describe_plan(tasks))
@@ -79,7 +80,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
     started = time.perf_counter()
-    execute(tasks, config["jobs"], out / "logs")
+    try:
+        execute(tasks, config["jobs"], out / "logs")
+    except KeyboardInterrupt:
+        print("reproduce.py: interrupted; run the same command again to finish the study (finished stages are "
+              "skipped, the interrupted one resumes)", file=sys.stderr)
+        sys.exit(130)
     invocation = {"command": shlex.join(["reproduce.py", *argv]), "seconds": round(time.perf_counter() - started, 1),
                   "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})"}
     from utils.study import write_study  # matplotlib only once everything has run

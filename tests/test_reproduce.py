@@ -81,6 +81,18 @@ def test_bad_configurations_are_refused(overrides, runner, fragment):
 def test_bad_input_is_one_line_on_stderr():
     assert_one_line_error(run_script("reproduce.py", ["--preset", "nope"]), "invalid choice")
     assert_one_line_error(run_script("reproduce.py", ["--preset", "demo", "--set", "eval.alpha=1"]), "has no --alpha")
+    # every planned command line is parsed before any work starts
+    assert_one_line_error(run_script("reproduce.py", ["--preset", "demo", "--set", "lr=fast", "--dry-run"]),
+                          "seed0/standard-at: train_standard.py: argument --lr: 'fast' is not a number")
+
+
+def test_a_failing_stage_stops_the_study_with_its_reason(tmp_path, fmnist_dir):
+    result = run_study(tiny_study_args(tmp_path / "study", fmnist_dir, "standard.epsilon=2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("reproduce.py: error: seed0/standard-at failed (exit status 2): ") and "--epsilon 2" in last
+    assert "seed0/namid" not in result.stderr  # nothing downstream started
+    assert (tmp_path / "study" / "logs" / "seed0_standard-at.log").is_file()
 
 
 def test_cells_are_mean_and_sample_std():

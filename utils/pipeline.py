@@ -67,8 +67,8 @@ assert tuple(DEFENSES) == ALL_DEFENSES
 # Configuration: preset, overrides, and the flags every stage script knows
 
 
-def stage_flags() -> dict:
-    """Per stage script, its option names (without --) mapped to whether they are on/off switches."""
+def stage_parsers() -> dict:
+    """Per stage (the keys of SCRIPTS), the argument parser of its script."""
     import test_comparison
     import train_MI_estimator
     import train_MI_estimator_only_max
@@ -77,10 +77,15 @@ def stage_flags() -> dict:
 
     modules = {"standard": train_standard, "estimators": train_MI_estimator, "only-max": train_MI_estimator_only_max,
                "namid": train_MIAT, "eval": test_comparison}
+    return {stage: module.build_parser() for stage, module in modules.items()}
+
+
+def stage_flags() -> dict:
+    """Per stage script, its option names (without --) mapped to whether they are on/off switches."""
     flags = {}
-    for stage, module in modules.items():
+    for stage, parser in stage_parsers().items():
         known = {}
-        for action in module.build_parser()._actions:
+        for action in parser._actions:
             for option in action.option_strings:
                 if option.startswith("--"):
                     known[option[2:]] = action.nargs == 0
@@ -290,6 +295,21 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
                      + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
                      run_dir, seed, deps=[f"seed{seed}/{d}" for d in defenses], inputs=checkpoints))
     return tasks
+
+
+def check_command_lines(tasks: list):
+    """Parse every planned command line with its script's parser, so that a bad value (--set lr=fast)
+    stops the study before any work, in one line."""
+    parsers = stage_parsers()
+    by_script = {script: parsers[stage] for stage, script in SCRIPTS.items()}
+    for task in tasks:
+        parser = by_script[task.script]
+
+        def refuse(message, task=task):
+            raise UserError(f"{task.name}: {task.script}: {message}")
+
+        parser.error = refuse
+        parser.parse_args(task.argv)
 
 
 # ----------------------------------------------------------------------------------------------
