@@ -19,7 +19,12 @@ ALL_ATTACKS = "pgd aa fwa tidim pgd-l2 cw ddn transfer"
 # batch 128 (NaN, or a collapse to a constant prediction: the alpha * L_mi gradient is a median 5.2x the
 # base loss's); alpha 0.5 trains (bench/results/fmnist_stage3_namid_runs.md). The estimators use the
 # published code's objective there: the literal Eq. 5 diverged (bench/results/fmnist_stage2_paper_objective_diverges/).
-MNIST_LIKE_NAMID = {"alpha": 0.5}
+# Even at alpha 0.5, NAMID-T reached a NaN loss in its first adversarial epoch (seed 0, 5000 images, batch 64),
+# and with the gradient's global norm clipped at 10 it trained (bench/results/fmnist_study_subset/); the
+# clipping is given to every target training of these presets, baselines included, so that it does not
+# decide the comparison.
+MNIST_LIKE_TRAINING = {"grad-clip": 10}
+MNIST_LIKE_NAMID = {"alpha": 0.5, **MNIST_LIKE_TRAINING}
 MNIST_LIKE_ESTIMATORS = {"estimator-loss": "reference"}
 
 
@@ -72,13 +77,13 @@ PRESETS = {
     "mnist": _paper_like(
         "mnist", ["0.1", "0.2", "0.3", "0.4"],
         "MNIST, SmallCNN, eps 0.3, 20 epochs (the MNIST-like defaults of utils/cli.py), estimators with the "
-        "published objective, alpha 0.5 (see utils/presets.py).",
-        estimators=MNIST_LIKE_ESTIMATORS, namid=MNIST_LIKE_NAMID),
+        "published objective, alpha 0.5, gradient norm clipped at 10 (see utils/presets.py).",
+        standard=MNIST_LIKE_TRAINING, estimators=MNIST_LIKE_ESTIMATORS, namid=MNIST_LIKE_NAMID),
     "fashion-mnist": _paper_like(
         "fashion-mnist", ["0.025", "0.05", "0.1", "0.15", "0.2"],
         "Fashion-MNIST, SmallCNN, eps 0.1, 20 epochs (the MNIST-like defaults of utils/cli.py), estimators with "
-        "the published objective, alpha 0.5 (see utils/presets.py).",
-        estimators=MNIST_LIKE_ESTIMATORS, namid=MNIST_LIKE_NAMID),
+        "the published objective, alpha 0.5, gradient norm clipped at 10 (see utils/presets.py).",
+        standard=MNIST_LIKE_TRAINING, estimators=MNIST_LIKE_ESTIMATORS, namid=MNIST_LIKE_NAMID),
     "demo": _paper_like(
         "fashion-mnist", ["0.05", "0.1", "0.15", "0.2"],
         "About 10 minutes on 2 CPU cores: every defense, one seed, on 2000 Fashion-MNIST training images "
@@ -86,9 +91,9 @@ PRESETS = {
         "numbers are far from converged.",
         seeds=[0], jobs=2, curve_steps=10, surrogate=None,
         common={"dataset": "fashion-mnist", "train-limit": 2000, "val-size": 500, "test-limit": 500, "batch-size": 64},
-        standard={"epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10},
+        standard={"epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10, **MNIST_LIKE_TRAINING},
         estimators={"estimator-loss": "reference", "epochs": 2},
         **{"only-max": {"epochs": 2}},
-        namid={"alpha": 0.5, "epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10},
+        namid={**MNIST_LIKE_NAMID, "epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10},
         eval={"attacks": "pgd pgd-l2", "pgd-steps": 20, "pgd-l2-steps": 20}),
 }
