@@ -31,9 +31,9 @@ from utils.presets import PRESETS
 
 
 def build_parser():
-    described = "; ".join(f"{name}: {preset['description']}" for name, preset in PRESETS.items())
+    described = " ".join(f"[{name}] {preset['description']}" for name, preset in PRESETS.items())
     parser = ArgumentParser(description="Run the whole NAMID study from a preset and print the comparison table.",
-                            epilog=f"Presets. {described}")
+                            epilog=f"Presets: {described}")
     group = parser.add_argument_group("study")
     group.add_argument("--preset", required=True, choices=list(PRESETS))
     group.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="[SECTION.]FLAG=VALUE",

@@ -185,7 +185,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              f"is correct when clean and survives every attack of its threat model (test_comparison.py).",
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
-             f"over {len(stage_seconds)} stage runs; this invocation: {invocation['seconds']:.0f} s on "
+             f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
              f"{invocation['machine']}.", "",
              "## The paper's Table 1 (CIFAR-10, ResNet-18), for orientation", "", paper_markdown(),
              "## Figures", ""]
