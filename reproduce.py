@@ -25,7 +25,7 @@ from pathlib import Path
 
 from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 from utils.pipeline import DEFENSES, build_plan, check_command_lines, execute, recorded_seconds, resolve_config, task_state
 from utils.presets import PRESETS
 
@@ -60,7 +60,11 @@ def build_parser():
 def describe_plan(tasks) -> str:
     lines = []
     for task in tasks:
-        lines.append(f"[{task_state(task)}] {task.name}: {shlex.join(['python3', task.script, *task.argv])}")
+        try:
+            state = task_state(task)
+        except UserError as error:
+            state = f"conflict: {error}"
+        lines.append(f"[{state}] {task.name}: {shlex.join(['python3', task.script, *task.argv])}")
     return "\n".join(lines)
 
 

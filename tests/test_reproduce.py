@@ -62,6 +62,18 @@ def test_plan_wires_every_defense_to_its_inputs():
                              "seed0/estimators", "seed0/eval-namid", "seed0/namid", "seed0/standard-at"]
 
 
+def test_transfer_adds_a_surrogate_trained_like_the_baselines():
+    _, tasks = plan(["surrogate.arch=vgg19", "eval.attacks=pgd transfer", "standard.lr=0.02"])
+    surrogate = tasks["seed0/surrogate"].argv
+    assert flag_value(surrogate, "--arch") == "vgg19" and flag_value(surrogate, "--loss") == "at"
+    assert flag_value(surrogate, "--lr") == "0.02" and flag_value(surrogate, "--grad-clip") == "10"
+    evaluation = tasks["seed0/eval-wmim"]
+    assert flag_value(evaluation.argv, "--surrogate").endswith("seed0/surrogate/best.pt")
+    assert "seed0/surrogate" in evaluation.deps
+    _, tasks = plan()
+    assert "seed0/surrogate" not in tasks  # no transfer attack, no surrogate
+
+
 @pytest.mark.parametrize("overrides, runner, fragment", [
     (["nosuchflag=1"], {}, "no stage script has --nosuchflag"),
     (["namid.epsilon"], {}, "expected FLAG=VALUE"),

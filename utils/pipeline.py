@@ -130,7 +130,7 @@ def apply_override(config: dict, item: str, flags: dict):
         if name == "surrogate" and config.get("surrogate") is None:
             if section != "surrogate":
                 continue
-            config["surrogate"] = {}
+            config["surrogate"] = dict(config["standard"])  # as the preset's surrogates: stage 1's flags
         if flags[SECTIONS[name]][flag]:
             value = parse_switch(value, f"--set {item}")
         config[name][flag] = value
