@@ -130,7 +130,7 @@ def apply_override(config: dict, item: str, flags: dict):
         if name == "surrogate" and config.get("surrogate") is None:
             if section != "surrogate":
                 continue
-            config["surrogate"] = dict(config["standard"])  # as the preset's surrogates: stage 1's flags
+            config["surrogate"] = {}
         if flags[SECTIONS[name]][flag]:
             value = parse_switch(value, f"--set {item}")
         config[name][flag] = value
@@ -147,9 +147,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     for name, script in SECTIONS.items():
         if config.get(name) is None:
             continue
-        base = dict(config["standard"]) if name == "surrogate" else {}
         own = {key: value for key, value in common.items() if key in flags[script]}
-        config[name] = {**own, **base, **config[name]}
+        config[name] = {**own, **config[name]}
     for item in overrides or ():
         apply_override(config, item, flags)
     for key, value in runner.items():
@@ -228,7 +227,8 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
     eval_runtime = runtime
 
     def section(name, **drop):
-        kept = {k: v for k, v in config[name].items() if k not in drop}
+        values = {**config["standard"], **config[name]} if name == "surrogate" else config[name]  # stage 1's, then its own
+        kept = {k: v for k, v in values.items() if k not in drop}
         return flag_tokens(kept, flags[SECTIONS[name]])
 
     attacks = attack_list(config)

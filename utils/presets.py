@@ -1,7 +1,8 @@
 """Presets of reproduce.py: every stage's flags for one study, in one place.
 
 A preset names, per section, the flags given to the stage scripts (without the leading --):
-    standard   train_standard.py (Standard AT, TRADES, MART and the transfer surrogate)
+    standard   train_standard.py (Standard AT, TRADES, MART)
+    surrogate  train_standard.py for the transfer attack's surrogate: the standard section's flags, then these
     estimators train_MI_estimator.py (the NAMID estimators)
     only-max   train_MI_estimator_only_max.py (the WMIM estimators)
     namid      train_MIAT.py (NAMID, NAMID-T, NAMID-M, WMIM)
