@@ -1,6 +1,7 @@
 """train_MI_estimator.py and train_MI_estimator_only_max.py end to end: outputs, frozen target, resume, bad input."""
 import json
 
+import numpy
 import pytest
 import torch
 
@@ -28,7 +29,13 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
     assert SCRIPTS[name].main(small_args(fmnist_dir, tiny_target, model_dir, "--epochs", "2", *extra)) == 0
 
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "estimators.pt", "last.pt", "metrics.csv",
-                                                           "mi_distributions.png", "mi_report.json"]
+                                                           "mi_distributions.png", "mi_report.json", "mi_values.npz"]
+    report = json.loads((model_dir / "mi_report.json").read_text())
+    with numpy.load(model_dir / "mi_values.npz") as values:  # the per-sample values behind the report
+        selected = values["selected"]
+        assert len(selected) == report["samples"] and int(selected.sum()) == report["selected"]["nat_mi_clean"]["n"]
+        for quantity in QUANTITIES:
+            assert float(values[quantity].mean()) == pytest.approx(report["all"][quantity]["mean"], rel=1e-5, abs=1e-6)
     assert digest(tiny_target) == target_digest, "the target checkpoint was modified"
     config = json.loads((model_dir / "config.json").read_text())
     assert config["stage"] == "estimators" and config["args"]["dataset"] == "fashion-mnist"
