@@ -154,6 +154,7 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     for key, value in runner.items():
         if value is not None:
             config[key] = value
+    config["defenses"], config["seeds"] = list(dict.fromkeys(config["defenses"])), list(dict.fromkeys(config["seeds"]))
     unknown = [name for name in config["defenses"] if name not in DEFENSES]
     if unknown:
         raise UserError(f"--defenses: unknown defense {unknown[0]!r} (defenses: {', '.join(DEFENSES)})")
