@@ -14,7 +14,8 @@ from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model
                        add_runtime_args, nonnegative_number, resolve_dataset_defaults)
 from utils.data import dataset_info
 from utils.errors import UserError, run_main
-from utils.estimator_training import file_sha256, load_estimators
+from utils.checkpoint import file_sha256
+from utils.estimator_training import load_estimators
 from utils.losses import BASE_LOSSES, OBJECTIVES
 from utils.namid import MI_MODES, make_namid_step
 from utils.runtime import resolve_device

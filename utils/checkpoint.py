@@ -1,4 +1,5 @@
 """Atomic writes and safe loading of checkpoints (torch.load with weights_only=True only)."""
+import hashlib
 import json
 import os
 import tempfile
@@ -9,6 +10,15 @@ import torch
 from utils.errors import UserError
 
 CHECKPOINT_FORMAT = "namid-checkpoint"
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints of large models do not fit comfortably in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _current_umask() -> int:

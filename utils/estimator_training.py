@@ -3,7 +3,6 @@
 Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
 train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
 """
-import hashlib
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from models.estimators import build_estimators
 from utils.attacks import PGDConfig, pgd_attack
-from utils.checkpoint import atomic_write_json, load_checkpoint, load_state_dict_checked
+from utils.checkpoint import atomic_write_json, file_sha256, load_checkpoint, load_state_dict_checked
 from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, positive_int, positive_number,
                        resolve_dataset_defaults)
 from utils.data import make_loader
@@ -76,10 +75,6 @@ def load_frozen_target(path, device):
                         f"(pass the best.pt of train_standard.py)")
     model, _ = load_model(path, device)
     return freeze(model), checkpoint
-
-
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def estimator_spec(args, info) -> dict:

@@ -11,7 +11,7 @@ and, when it finished, a reproduce_stage.json with the exact command line and th
 files it read. A stage is skipped only when that record matches what would be run now.
 """
 import copy
-import hashlib
+import functools
 import json
 import os
 import shlex
@@ -20,12 +20,12 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.checkpoint import atomic_write_json
+from utils.checkpoint import atomic_write_json, file_sha256
+from utils.cli import number
 from utils.errors import UserError
 from utils.presets import ALL_DEFENSES, PRESETS
 
@@ -192,8 +192,7 @@ def flag_tokens(section_flags: dict, switches: dict) -> list:
 
 
 def epsilon_name(epsilon) -> str:
-    value = float(Fraction(str(epsilon)))
-    return f"{value:.6g}"
+    return f"{number(str(epsilon)):.6g}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,9 +224,8 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
     flags = stage_flags()
     tasks = []
     runtime = ["--device", device, "--data-dir", data_dir] + (["--tensorboard"] if tensorboard else [])
-    eval_runtime = runtime
 
-    def section(name, **drop):
+    def section(name, drop=()):
         values = {**config["standard"], **config[name]} if name == "surrogate" else config[name]  # stage 1's, then its own
         kept = {k: v for k, v in values.items() if k not in drop}
         return flag_tokens(kept, flags[SECTIONS[name]])
@@ -240,11 +238,9 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
         estimator_runs = sorted({DEFENSES[d].estimators for d in defenses if DEFENSES[d].estimators})
         stage1 = [d for d in ALL_DEFENSES if DEFENSES[d].section == "standard"
                   and (d in defenses or (d == "standard-at" and estimator_runs))]
-        by_name = {}
 
         def add(task):
             tasks.append(task)
-            by_name[task.name] = task
             return task
 
         for defense in stage1:
@@ -284,16 +280,16 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
                 inputs.append(surrogate.run_dir / "best.pt")
             add(Task(f"seed{seed}/eval-{defense}", "eval", SCRIPTS["eval"],
                      section("eval") + ["--checkpoints", str(checkpoint), "--labels", DEFENSES[defense].label] + extra
-                     + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
+                     + seed_flags + ["--out-dir", str(run_dir)] + runtime,
                      run_dir, seed, deps=deps, inputs=inputs, defense=defense))
         checkpoints = [folder / defense / "best.pt" for defense in defenses]
         for epsilon in config.get("epsilons") or ():
             run_dir = folder / f"curve-eps{epsilon_name(epsilon)}"
             add(Task(f"seed{seed}/curve-eps{epsilon_name(epsilon)}", "curve", SCRIPTS["eval"],
-                     section("eval", attacks=1, **{"pgd-steps": 1, "pgd-step-size": 1, "epsilon": 1})
+                     section("eval", drop=("attacks", "pgd-steps", "pgd-step-size", "epsilon"))
                      + ["--attacks", "pgd", "--pgd-steps", str(config["curve_steps"]), "--epsilon", str(epsilon),
                         "--checkpoints", *map(str, checkpoints), "--labels", *[DEFENSES[d].label for d in defenses]]
-                     + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
+                     + seed_flags + ["--out-dir", str(run_dir)] + runtime,
                      run_dir, seed, deps=[f"seed{seed}/{d}" for d in defenses], inputs=checkpoints))
     return tasks
 
@@ -317,16 +313,20 @@ def check_command_lines(tasks: list):
 # Completion records and execution
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@functools.lru_cache(maxsize=None)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def input_hashes(task: Task) -> dict:
-    return {str(path): sha256(path) for path in task.inputs if Path(path).is_file()}
+    """SHA-256 of each input file; a checkpoint read by several stages (every curve point reads every
+    defense's best.pt) is hashed once per version of the file."""
+    hashes = {}
+    for path in map(Path, task.inputs):
+        if path.is_file():
+            status = path.stat()
+            hashes[str(path)] = _sha256_of_version(str(path), status.st_size, status.st_mtime_ns)
+    return hashes
 
 
 def differing_flags(old: list, new: list) -> str:

@@ -5,12 +5,12 @@ import csv
 import io
 import json
 import statistics
-from fractions import Fraction
 from pathlib import Path
 
 import numpy
 
 from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.cli import number
 from utils.estimator_training import MI_VALUES_FILE
 from utils.evaluation import row_accuracies
 from utils.pipeline import DEFENSES
@@ -110,7 +110,7 @@ def training_curves(config: dict, tasks: list) -> dict:
 
 def robustness_curves(config: dict, tasks: list):
     """Epsilons (0 first: clean accuracy) and per defense the per-seed accuracies at each of them."""
-    epsilons = sorted({float(Fraction(str(e))) for e in config.get("epsilons") or ()})
+    epsilons = sorted({number(str(e)) for e in config.get("epsilons") or ()})
     if not epsilons:
         return [], {}
     by_seed = {}
@@ -157,7 +157,7 @@ def paper_markdown() -> str:
 def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> str:
     """results.md/.csv/.json and the figures in `out`; returns the markdown table."""
     table = comparison(config, tasks)
-    dataset = config["eval"].get("dataset") or config["standard"].get("dataset", "")
+    dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
     seeds = ("seed " if len(config["seeds"]) == 1 else "seeds ") + ", ".join(map(str, config["seeds"]))
     markdown_table = comparison_markdown(config, table)
     written = []
