@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils import distributed
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits, make_loader
@@ -340,6 +341,7 @@ def main(argv=None):
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
         parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     started = time.perf_counter()
+    distributed.refuse_torchrun(Path(__file__).name)
     device = resolve_device(args.device)
 
     loaded = load_models(args.checkpoints, device)

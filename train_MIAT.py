@@ -14,11 +14,11 @@ from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model
                        add_runtime_args, nonnegative_number, resolve_dataset_defaults)
 from utils.data import dataset_info
 from utils.errors import UserError, run_main
+from utils import distributed
 from utils.checkpoint import file_sha256
 from utils.estimator_training import load_estimators
 from utils.losses import BASE_LOSSES, OBJECTIVES
 from utils.namid import MI_MODES, make_namid_step
-from utils.runtime import resolve_device
 from utils.training import train_target_model
 
 STAGE = "namid"
@@ -26,7 +26,7 @@ STAGE = "namid"
 PRESETS = {
     "paper": dict(lam=0.1),  # SPEC section 2: ResNet-18, batch 1024, PGD-10 step eps/4, alpha 5, lambda 0.1
     # The published code's settings (SPEC sections 2 and 8), for comparing with its numbers.
-    "reference": dict(arch="wrn-34-10", batch_size=256, num_steps=40, lam=0.0, warmup_epochs=2),
+    "reference": dict(arch="wrn-34-10", batch_size=256, num_steps=40, lam=0.0, warmup_epochs=2, bn_stats="mixed"),
 }
 
 
@@ -45,7 +45,8 @@ def build_parser():
     group.add_argument("--no-adv-mi", action="store_true", help="ablation: drop the adversarial-MI cosine term")
     group.add_argument("--no-nat-mi", action="store_true", help="ablation: drop the natural-MI cosine term")
     group.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                       help="paper: SPEC section 2; reference: the published code's (WRN-34-10, batch 256, PGD-40, lambda 0, 2 warm-up epochs)")
+                       help="paper: SPEC section 2; reference: the published code's (WRN-34-10, batch 256, PGD-40, lambda 0, 2 warm-up "
+                            "epochs, --bn-stats mixed)")
     group.add_argument("--allow-arch-mismatch", action="store_true",
                        help="train another architecture than the one whose logits the estimators were trained on")
     add_data_args(parser)
@@ -101,7 +102,8 @@ def resolve_args(args, estimator_checkpoint):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    estimators, checkpoint = load_estimators(args.estimators, resolve_device(args.device))
+    # On this process's own device: cuda:LOCAL_RANK under torchrun, where train_target_model puts the target.
+    estimators, checkpoint = load_estimators(args.estimators, distributed.process_device(args.device))
     resolve_args(args, checkpoint)
     check_estimators_fit(args, checkpoint)
     objective = OBJECTIVES[args.base_loss]
@@ -110,7 +112,7 @@ def main(argv=None):
     def make_step(model, schedule, generator):
         return make_namid_step(model, estimators, objective, schedule, generator, beta=args.beta, alpha=args.alpha,
                                lam=args.lam, measure=measure, mi_mode=args.mi_mode, use_nat=not args.no_nat_mi,
-                               use_adv=not args.no_adv_mi)
+                               use_adv=not args.no_adv_mi, bn_stats=args.bn_stats)
 
     metadata = {"estimators_checkpoint": str(Path(args.estimators).resolve()), "estimator_spec": checkpoint["estimator_spec"],
                 "estimator_objective": checkpoint.get("objective")}

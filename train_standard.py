@@ -45,7 +45,7 @@ def main(argv=None):
     objective = OBJECTIVES[args.loss]
 
     def make_step(model, schedule, generator):
-        return make_adversarial_step(model, objective, schedule, args.beta, generator)
+        return make_adversarial_step(model, objective, schedule, args.beta, generator, bn_stats=args.bn_stats)
 
     train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step)
     return 0

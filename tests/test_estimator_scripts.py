@@ -32,10 +32,17 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
                                                            "mi_distributions.png", "mi_report.json", "mi_values.npz"]
     report = json.loads((model_dir / "mi_report.json").read_text())
     with numpy.load(model_dir / "mi_values.npz") as values:  # the per-sample values behind the report
-        selected = values["selected"]
+        selected, correct, fooled = values["selected"], values["correct"], values["fooled"]
         assert len(selected) == report["samples"] and int(selected.sum()) == report["selected"]["nat_mi_clean"]["n"]
+        assert numpy.array_equal(selected, correct & fooled) and 0 < correct.sum() < len(correct) and fooled.any()
         for quantity in QUANTITIES:
             assert float(values[quantity].mean()) == pytest.approx(report["all"][quantity]["mean"], rel=1e-5, abs=1e-6)
+        maximised = report["maximised_estimates"]  # each estimator on the samples it is trained for
+        natural, adversarial = values["nat_mi_clean"][correct].mean(), values["adv_mi_adv"][fooled].mean()
+        assert maximised["nat_mi_correct"] == pytest.approx(float(natural), rel=1e-5, abs=1e-6)
+        assert maximised["adv_mi_fooled"] == pytest.approx(float(adversarial), rel=1e-5, abs=1e-6)
+        assert maximised["mi_selection"] == pytest.approx(float(natural + adversarial) / 2, rel=1e-5, abs=1e-6)
+    assert report["selected_on"] == "val_mi_selection"
     assert digest(tiny_target) == target_digest, "the target checkpoint was modified"
     config = json.loads((model_dir / "config.json").read_text())
     assert config["stage"] == "estimators" and config["args"]["dataset"] == "fashion-mnist"
@@ -44,8 +51,15 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
 
     rows = read_metrics(model_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for key in ["val_objective", "val_selected", "train_selected"] + [f"val_{q}" for q in QUANTITIES] + [f"val_sel_{q}" for q in QUANTITIES]:
+    for key in (["val_mi_selection", "val_nat_mi_correct", "val_adv_mi_fooled", "val_objective", "val_selected",
+                 "train_selected"] + [f"val_{q}" for q in QUANTITIES] + [f"val_sel_{q}" for q in QUANTITIES]):
         assert key in rows[0] and rows[0][key] not in ("", "nan"), key
+    for row in rows:
+        parts = float(row["val_nat_mi_correct"]), float(row["val_adv_mi_fooled"])
+        assert float(row["val_mi_selection"]) == pytest.approx(sum(parts) / 2, rel=1e-4, abs=1e-5)
+    # estimators.pt is the epoch with the highest held-out mean of the maximised estimates (first one on a tie)
+    best_epoch = int(max(rows, key=lambda r: float(r["val_mi_selection"]))["epoch"])
+    assert torch.load(model_dir / "estimators.pt", weights_only=True)["epoch"] == best_epoch == report["best_epoch"]
 
     estimators = torch.load(model_dir / "estimators.pt", weights_only=True)
     assert estimators["estimator_spec"]["hsize"] == 32 and estimators["target_spec"]["arch"] == "small-cnn"
@@ -53,9 +67,7 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
     assert any(k.startswith("natural.local") for k in estimators["estimators"])
     assert any(k.startswith("adversarial.head") for k in estimators["estimators"])
 
-    report = json.loads((model_dir / "mi_report.json").read_text())
-    assert report["samples"] == 100 and set(report["all"]) == set(QUANTITIES)
-    assert "observation" in report and report["best_epoch"] in (1, 2)
+    assert report["samples"] == 100 and set(report["all"]) == set(QUANTITIES) and "observation" in report
     png = (model_dir / "mi_distributions.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -63,6 +75,42 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
     target_after, _ = load_model(tiny_target, "cpu")
     for (k, a), (_, b) in zip(target_before.state_dict().items(), target_after.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_stage2_step_wiring_and_precision(trained_small_cnn, fmnist_batches):
+    """E_n reads x and E_a reads n = x~ - x; the objective sees the target's logits of x and x~; under bf16
+    autocast (--amp; CPU's stands in for CUDA's) every estimator module still computes in float32."""
+    from models.estimators import build_estimators
+    from utils.attacks import PGDConfig, pgd_attack
+    from utils.estimator_training import make_estimator_step
+    from utils.mi import only_max_objective
+    _, _, x, y = fmnist_batches
+    x, y = x[:16], y[:16]
+    torch.manual_seed(0)
+    estimators = build_estimators(1, 10, 16)
+    attack = PGDConfig("linf", 0.1, 0.025, 3)
+    seen = {"natural": [], "adversarial": []}
+    for name in seen:
+        estimators[name].local.register_forward_hook(lambda m, i, o, name=name: seen[name].append(i[0]))
+    precision = []
+    for module in estimators.modules():
+        module.register_forward_hook(lambda m, i, o: precision.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+    objectives = []
+    def objective(q, logits_nat, logits_adv, y):
+        objectives.append((logits_nat, logits_adv))
+        return only_max_objective(q, logits_nat, logits_adv, y)
+    step = make_estimator_step(estimators, trained_small_cnn, objective, attack, torch.Generator().manual_seed(0), "dv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits_nat, logits_adv, _ = step(x, y, 0)
+    x_adv = pgd_attack(trained_small_cnn, x, y, attack, torch.Generator().manual_seed(0))  # the same draw, in float32
+    assert torch.equal(seen["natural"][0], x)
+    pattern = seen["adversarial"][0]
+    assert pattern.abs().max() <= 0.1 + 1e-6 and (pattern - (x_adv - x)).abs().mean() < 0.01, "E_a was not fed n = x~ - x"
+    assert precision and all(dtype == torch.float32 and not autocast for dtype, autocast in precision)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.equal(objectives[0][0].argmax(1), logits_nat.argmax(1))
+    assert torch.equal(objectives[0][1].argmax(1), logits_adv.argmax(1))
+    assert not torch.equal(logits_nat, logits_adv)
 
 
 def test_estimator_training_never_touches_the_target_in_memory(fmnist_dir, tiny_target, tmp_path, monkeypatch):

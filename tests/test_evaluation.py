@@ -3,6 +3,7 @@ and test_comparison.py end to end with its bad inputs.
 
 PGD's agreement with torchattacks' PGD (within 1 point) is tested in tests/test_attacks.py.
 """
+import copy
 import csv
 import json
 import random
@@ -21,6 +22,7 @@ from models import build_model
 from tests.conftest import REPO
 from tests.test_train_standard import SMALL_RUN
 from utils.advertorch_compat import advertorch_attacks, zero_gradients
+from utils.attacks import PGDConfig, pgd_attack
 from utils.data import dataset_info
 from utils.errors import run_main
 from utils.evaluation import (Attack, AttackOutput, ModelSnapshot, attack_seed, build_attacks, isolated_rng,
@@ -166,16 +168,68 @@ def test_seeded_attacks_are_reproducible(trained_small_cnn, fmnist_batches):
     assert torch.equal(runs[0].robust, runs[1].robust)
 
 
+def perturbed_copy(model, scale, seed):
+    """Another model close to `model` (its weights plus Gaussian noise): adversarials partly transfer."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=generator))
+    return other.eval()
+
+
 def test_transfer_crafts_on_the_surrogate_and_checks_the_budget(trained_small_cnn, fmnist_batches):
     _, _, x, y = fmnist_batches
-    torch.manual_seed(0)
-    other = build_model("small-cnn", 10, 1, 28, INFO.mean, INFO.std).eval()
+    x, y = x[:32], y[:32]
+    surrogate = trained_small_cnn
+    other = perturbed_copy(surrogate, 0.5, seed=0)
     attack = build_attacks(["transfer"], attack_settings("--pgd-steps", "10"), 10)[0]
-    results = run_transfer(trained_small_cnn, [trained_small_cnn, other], attack, loader_of(x[:32], y[:32], 16),
-                           torch.device("cpu"), False, 0)
+    seed = 0
+    results = run_transfer(surrogate, [surrogate, other], attack, loader_of(x, y, 16), torch.device("cpu"), False, seed)
     assert len(results) == 2 and results[0].budget.violating_batches == 0
-    # White-box on the surrogate itself: the same as PGD there.
-    assert results[0].accuracy < accuracy(trained_small_cnn, x[:32], y[:32]) - 0.2
+    # Every row sees the very adversarials PGD crafts on the surrogate with the transfer attack's seed.
+    generator = torch.Generator().manual_seed(seed)
+    crafted = torch.cat([pgd_attack(surrogate, xb, yb, PGDConfig("linf", INFO.epsilon_linf, INFO.epsilon_linf / 4, 10),
+                                    generator) for xb, yb in zip(x.split(16), y.split(16))])
+    for model, result in zip((surrogate, other), results):
+        with torch.no_grad():
+            assert torch.equal(result.robust, model(crafted).argmax(1) == y)
+    # On the surrogate itself it is white-box PGD; on the other model it is weaker than white-box PGD there
+    # (crafting on the target instead of the surrogate would make the two equal).
+    assert results[0].accuracy < accuracy(surrogate, x, y) - 0.2
+    white_box = accuracy(other, pgd_attack(other, x, y, PGDConfig("linf", INFO.epsilon_linf, INFO.epsilon_linf / 4, 10),
+                                           torch.Generator().manual_seed(seed)), y)
+    assert results[1].accuracy > white_box, (results[1].accuracy, white_box)
+
+
+def test_autoattack_runs_the_standard_version_exactly(trained_small_cnn, fmnist_batches, monkeypatch):
+    """What reaches AutoAttack's reference code when it starts: version standard, the four standard
+    attacks, 100 iterations, 5000 Square queries, the run's epsilon and seed, one batch per call."""
+    from utils import evaluation
+    real_class, module_name = evaluation._autoattack_class()
+    seen = {}
+
+    class Recording(real_class):
+        def run_standard_evaluation(self, x_orig, y_orig, batch_size=250, **kwargs):
+            seen.update(version=self.version, norm=self.norm, eps=self.epsilon, seed=self.seed,
+                        attacks=list(self.attacks_to_run), batch_size=batch_size, training=self.model.training,
+                        apgd=(self.apgd.n_iter, self.apgd.n_restarts, self.apgd.eps, self.apgd.eot_iter),
+                        apgd_t=(self.apgd_targeted.n_iter, self.apgd_targeted.n_restarts,
+                                self.apgd_targeted.n_target_classes, self.apgd_targeted.eps),
+                        fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes, self.fab.eps),
+                        square=(self.square.n_queries, self.square.n_restarts, self.square.eps))
+            return x_orig.clone()
+
+    monkeypatch.setattr(evaluation, "_autoattack_class", lambda: (Recording, module_name))
+    attack = attacks_by_name(names=("aa",))["aa"]
+    _, _, x, y = fmnist_batches
+    attack.craft(trained_small_cnn, x[:8], y[:8], None)
+    eps = INFO.epsilon_linf
+    assert seen == {"version": "standard", "norm": "Linf", "eps": eps, "seed": attack_seed(0, "aa"),
+                    "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "batch_size": 8, "training": False,
+                    "apgd": (100, 1, eps, 1), "apgd_t": (100, 1, 9, eps), "fab": (100, 1, 9, eps),
+                    "square": (5000, 1, eps)}
+    assert attack.settings["version"] == "standard" and attack_settings().aa_version == "standard"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,3 +181,87 @@ def test_stage2_warns_when_held_out_estimates_fall_below_a_constant_critic(capsy
 def test_a_constant_critic_scores_at_most_zero(measure):
     constant = torch.full((5, 5, 3), 0.7)
     assert (mi_from_scores(constant, measure) <= 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wiring: which estimator reads which input, and precision
+
+def wiring_setup(train=False):
+    torch.manual_seed(0)
+    estimators = build_estimators(in_channels=1, num_classes=10, hsize=16).train(train)
+    x = torch.rand(6, 1, 28, 28)
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    logits_nat, logits_adv = torch.randn(6, 10), torch.randn(6, 10) * 2 + 1
+    return estimators, x, x_adv, logits_nat, logits_adv
+
+
+def test_the_adversarial_estimator_reads_the_pattern_and_the_natural_one_the_image():
+    from utils.mi import local_encodings
+    estimators, x, x_adv, _, _ = wiring_setup()
+    local_nat, local_adv = local_encodings(estimators, x, x_adv)
+    assert torch.allclose(local_nat, estimators["natural"].encode_local(x), atol=1e-6)
+    assert torch.allclose(local_adv, estimators["adversarial"].encode_local(x_adv - x), atol=1e-6)
+    assert not torch.allclose(local_adv, estimators["adversarial"].encode_local(x_adv), atol=1e-3), "E_a was fed x~, not n"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_each_quantity_pairs_its_own_estimator_encoding_and_logits(train):
+    """I_N(x; h(x~)) must read h(x~), I_A(n; h(x)) must read h(x), and so on: each quantity equals the
+    hand-wired pairing and differs from every other pairing of the same estimator."""
+    from utils.mi import QUANTITIES, local_encodings, mi_from_scores, mi_quantities, score_tensor
+    estimators, x, x_adv, logits_nat, logits_adv = wiring_setup(train)
+    local = dict(zip(("nat", "adv"), local_encodings(estimators, x, x_adv)))
+    q = mi_quantities(estimators, local["nat"], local["adv"], logits_nat, logits_adv)
+    expected_pairs = {"nat_mi_clean": ("natural", "nat", "nat"), "nat_mi_adv": ("natural", "nat", "adv"),
+                      "adv_mi_adv": ("adversarial", "adv", "adv"), "adv_mi_clean": ("adversarial", "adv", "nat")}
+
+    def by_hand(estimator, local_key, logits_key):
+        # the head sees h(x) and h(x~) as one batch (in train mode its BN statistics are shared)
+        g_nat, g_adv = estimators[estimator].encode_global(torch.cat([logits_nat, logits_adv])).chunk(2)
+        return mi_from_scores(score_tensor({"nat": g_nat, "adv": g_adv}[logits_key], local[local_key]))
+
+    for name in QUANTITIES:
+        estimator, local_key, logits_key = expected_pairs[name]
+        assert torch.allclose(q[name], by_hand(estimator, local_key, logits_key), atol=1e-5), name
+        wrong_logits = {"nat": "adv", "adv": "nat"}[logits_key]
+        assert not torch.allclose(q[name], by_hand(estimator, local_key, wrong_logits), atol=1e-3), f"{name} reads the wrong logits"
+        other = {"natural": "adversarial", "adversarial": "natural"}[estimator]
+        other_local = {"nat": "adv", "adv": "nat"}[local_key]
+        assert not torch.allclose(q[name], by_hand(other, other_local, logits_key), atol=1e-3), f"{name} uses the wrong estimator"
+
+
+def test_in_train_mode_the_global_head_normalises_both_logit_batches_together():
+    """Separate passes would normalise h(x) and h(x~) with their own batch statistics in stage 2 and with
+    the shared running statistics afterwards."""
+    from utils.mi import local_encodings, mi_estimate, mi_quantities
+    estimators, x, x_adv, logits_nat, logits_adv = wiring_setup(train=True)
+    local_nat, local_adv = local_encodings(estimators, x, x_adv)
+    q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv)
+    separate = mi_estimate(estimators["natural"], local_nat, logits_adv)
+    assert not torch.allclose(q["nat_mi_adv"], separate, atol=1e-3)
+    estimators.eval()  # in eval mode (running statistics) one pass and two passes agree
+    q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv)
+    assert torch.allclose(q["nat_mi_adv"], mi_estimate(estimators["natural"], local_nat, logits_adv), atol=1e-5)
+
+
+def test_estimators_run_in_float32_under_bf16_autocast():
+    """--amp may put the target and the attacks in bf16, never the estimators, scores or MI reductions
+    (CPU bf16 autocast stands in for CUDA's here)."""
+    from utils.mi import local_encodings, mi_quantities
+    from models.estimators import MIEstimator
+    estimators, x, x_adv, logits_nat, logits_adv = wiring_setup()
+    reference = mi_quantities(estimators, *local_encodings(estimators, x, x_adv), logits_nat, logits_adv)
+    seen = []
+    hooks = [module.register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+             for module in estimators.modules() if isinstance(module, (LocalEncoder, MIEstimator)) or
+             type(module).__name__ == "GlobalHead"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local_nat, local_adv = local_encodings(estimators, x, x_adv)
+        q = mi_quantities(estimators, local_nat, local_adv, logits_nat.bfloat16(), logits_adv.bfloat16())
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen), seen
+    for name in q:
+        assert q[name].dtype == torch.float32
+        # the logits were rounded to bf16 on the way in; everything after that is float32
+        assert torch.allclose(q[name], reference[name], atol=0.05), (name, (q[name] - reference[name]).abs().max())

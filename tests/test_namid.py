@@ -15,7 +15,8 @@ from tests.conftest import REPO
 from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.attacks import PGDConfig
 from utils.losses import OBJECTIVES
-from utils.namid import make_namid_step, namid_mi_loss, namid_step_mi, wmim_mi_loss
+from utils.mi import mi_estimate
+from utils.namid import make_namid_step, namid_mi_loss, namid_step_mi
 
 Q = {"nat_mi_clean": torch.tensor([1.0, 2.0, 3.0, 4.0]), "nat_mi_adv": torch.tensor([0.5, 1.0, -1.0, 2.0]),
      "adv_mi_adv": torch.tensor([2.0, 0.0, 1.0, 1.0]), "adv_mi_clean": torch.tensor([1.0, 1.0, 0.5, 3.0])}
@@ -100,13 +101,111 @@ def test_step_runs_the_target_forward_exactly_twice_and_uses_the_base_loss(base_
     assert loss.item() == pytest.approx(expected_base.item() + 5.0 * extras["mi_loss"].item(), rel=1e-5)
 
 
-def test_wmim_maximises_the_standard_mi_of_adversarials():
+def spy_on_attack(monkeypatch, module):
+    """Record every adversarial batch the step's PGD returns."""
+    crafted = []
+    original = module.pgd_attack
+    def spy(m, xx, yy, config, generator):
+        crafted.append(original(m, xx, yy, config, generator))
+        return crafted[-1]
+    monkeypatch.setattr(module, "pgd_attack", spy)
+    return crafted
+
+
+def record_local_inputs(estimators):
+    """The input each estimator's local encoder receives, by estimator name."""
+    seen = {"natural": [], "adversarial": []}
+    for name in seen:
+        estimators[name].local.register_forward_hook(lambda m, inputs, output, name=name: seen[name].append(inputs[0]))
+    return seen
+
+
+def test_wmim_maximises_the_mi_of_the_adversarial_image_with_its_logits(monkeypatch):
+    import utils.namid as namid_module
     model, estimators, x, y = small_setup()
-    logits = model(x)
-    loss, terms = wmim_mi_loss(estimators["natural"], estimators["natural"].encode_local(x), logits, "dv")
-    assert loss.item() == pytest.approx(-terms["mi_wmim"].item())
+    crafted = spy_on_attack(monkeypatch, namid_module)
+    objective = OBJECTIVES["at"]
+    step = make_namid_step(model, estimators, objective, lambda index: PGDConfig("linf", 0.1, 0.025, 3),
+                           torch.Generator().manual_seed(0), beta=6.0, alpha=2.0, lam=0.0, measure="dv", mi_mode="wmim")
+    loss, logits_nat, logits_adv, extras = step(x, y, 0)
+    natural = estimators["natural"]
+    with torch.no_grad():
+        expected = -mi_estimate(natural, natural.encode_local(crafted[0]), logits_adv).mean()
+        on_clean = -mi_estimate(natural, natural.encode_local(x), logits_nat).mean()
+    assert extras["mi_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert extras["mi_loss"].item() != pytest.approx(on_clean.item(), rel=1e-3), "WMIM read the clean image"
+    assert loss.item() == pytest.approx(extras["base_loss"].item() + 2.0 * expected.item(), rel=1e-5)
     loss.backward()
-    assert any(p.grad is not None for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_step_feeds_the_image_to_the_natural_estimator_and_the_pattern_to_the_adversarial_one(monkeypatch):
+    import utils.namid as namid_module
+    model, estimators, x, y = small_setup()
+    crafted = spy_on_attack(monkeypatch, namid_module)
+    seen = record_local_inputs(estimators)
+    step = make_namid_step(model, estimators, OBJECTIVES["at"], lambda index: PGDConfig("linf", 0.1, 0.025, 3),
+                           torch.Generator().manual_seed(0), beta=6.0, alpha=5.0, lam=0.1, measure="dv")
+    step(x, y, 0)
+    assert len(seen["natural"]) == 1 and len(seen["adversarial"]) == 1
+    assert torch.equal(seen["natural"][0], x)
+    assert torch.allclose(seen["adversarial"][0], crafted[0] - x, atol=1e-7)
+    assert seen["adversarial"][0].abs().max() <= 0.1 + 1e-6, "E_a was fed the adversarial image, not n = x~ - x"
+
+
+def test_step_runs_the_estimators_in_float32_under_bf16_autocast(monkeypatch):
+    """--amp (CPU bf16 autocast stands in for CUDA's): the target may run in bf16, the estimators must not."""
+    model, estimators, x, y = small_setup()
+    seen = []
+    for module in estimators.modules():
+        module.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, o.dtype, torch.is_autocast_enabled("cpu"))))
+    step = make_namid_step(model, estimators, OBJECTIVES["at"], lambda index: PGDConfig("linf", 0.1, 0.025, 2),
+                           torch.Generator().manual_seed(0), beta=6.0, alpha=5.0, lam=0.1, measure="dv")
+    y = model(x).argmax(1)  # correct when clean, so that X' is not empty
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits_nat, _, extras = step(x, y, 0)
+    assert logits_nat.dtype == torch.bfloat16, "the test needs the target itself to run under autocast"
+    assert extras["selected"].item() > 0 and seen
+    assert all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen), set(seen)
+    assert extras["mi_loss"].dtype == torch.float32
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_each_torchrun_process_puts_the_estimators_and_the_target_on_its_own_device(monkeypatch, tiny_estimators, tmp_path):
+    """Under torchrun on a 4-GPU node, rank 2 owns cuda:2: the estimators must be loaded there, on the
+    device the training loop puts the target on (simulated: no GPU is needed to check the choice)."""
+    from utils import distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    for name in ("auto", "cuda", "cuda:0"):
+        assert distributed.process_device(name) == torch.device("cuda", 2), name
+    assert distributed.setup("auto") == torch.device("cuda", 2)
+    seen = {}
+    def load(path, device):
+        seen["estimators"] = device
+        raise _Stop
+    monkeypatch.setattr(train_MIAT, "load_estimators", load)
+    with pytest.raises(_Stop):
+        train_MIAT.main(["--estimators", str(tiny_estimators), "--device", "cuda", "--model-dir", str(tmp_path / "r")])
+    assert seen["estimators"] == torch.device("cuda", 2)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.process_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("script", ["train_MI_estimator.py", "test_comparison.py"])
+def test_single_process_stages_refuse_torchrun(script, tiny_target, tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    flag = "--target-model" if script == "train_MI_estimator.py" else "--checkpoints"
+    result = subprocess.run([sys.executable, str(REPO / script), flag, str(tiny_target), "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(result, "runs as a single process")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +236,11 @@ def test_end_to_end_writes_every_output(fmnist_dir, tiny_estimators, tmp_path):
     assert list(rows[0]) == NAMID_COLUMNS and len(rows) == 2
     for row in rows:
         assert all(row[key] not in ("", "nan") for key in NAMID_COLUMNS)
-        assert 0 <= float(row["selected"]) <= 50
+        # |X'| per batch of 50 (the training split is whole batches of 50) against the accuracies of the very
+        # logits it is selected from: C - A <= |correct and fooled| <= min(C, 50 - A), averaged over batches
+        clean, adv, selected = (float(row[k]) for k in ("train_clean_acc", "train_adv_acc", "selected"))
+        assert 50 * (clean - adv) - 1e-3 <= selected <= 50 * min(clean, 1 - adv) + 1e-3, row
+    assert any(float(row["selected"]) > 0 for row in rows)
     best = torch.load(model_dir / "best.pt", weights_only=True)
     assert best["stage"] == "namid" and best["model_spec"]["arch"] == "small-cnn"
 

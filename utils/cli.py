@@ -10,14 +10,14 @@ from utils.data import DATASETS
 # Settings of the paper (SPEC section 2) for colour data; MNIST-like data trains a SmallCNN instead.
 # A flag left at None on the command line takes its value from the dataset's row here.
 PAPER_DEFAULTS = dict(arch="resnet18", epochs=100, batch_size=1024, lr=0.1, weight_decay=2e-4,
-                      warmup_epochs=0, eps_ramp_epochs=0, hsize=2048, num_steps=10)
+                      warmup_epochs=0, eps_ramp_epochs=0, hsize=2048, num_steps=10, bn_stats="base")
 # SmallCNN adversarial training from scratch on MNIST-like data sits at chance for a long time and
 # can collapse under momentum SGD at lr 0.05 (SPEC section 9): a clean warm-up epoch followed by
 # an epsilon ramp trains reliably (measured in bench/results/, see README).
 # The MI estimators of MNIST-like data are narrower (hsize 256): at the paper's 2048 an estimator
 # step costs several times the PGD attack on a SmallCNN (bench/results/estimator_step.json).
 MNIST_LIKE_DEFAULTS = dict(arch="small-cnn", epochs=20, batch_size=128, lr=0.05, weight_decay=2e-4,
-                           warmup_epochs=1, eps_ramp_epochs=3, hsize=256, num_steps=10)
+                           warmup_epochs=1, eps_ramp_epochs=3, hsize=256, num_steps=10, bn_stats="base")
 DATASET_DEFAULTS = {name: (MNIST_LIKE_DEFAULTS if name in ("mnist", "fashion-mnist") else PAPER_DEFAULTS)
                     for name in DATASETS}
 
@@ -89,6 +89,11 @@ def add_model_args(parser):
     group.add_argument("--width", type=positive_int, default=64, help="first-stage channels of the ResNets")
     group.add_argument("--depth", type=positive_int, default=34, help="depth of --arch wideresnet")
     group.add_argument("--widen-factor", type=positive_int, default=10, help="widen factor of --arch wideresnet")
+    group.add_argument("--bn-stats", choices=("base", "mixed"), default=None,
+                       help="which training batches update BatchNorm running statistics. base (default): those the "
+                            "base loss trains on (AT: adversarial only; TRADES/MART: clean and adversarial), so NAMID's "
+                            "extra clean forward leaves them alone; mixed: clean and adversarial in every run (the "
+                            "published NAMID code; Standard AT then adds a clean forward). No effect without BN")
     return group
 
 

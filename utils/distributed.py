@@ -19,8 +19,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device_name: str) -> torch.device:
-    """The device of this process; under torchrun also joins the process group (once)."""
+def process_device(device_name: str) -> torch.device:
+    """The device this process owns: --device itself in a single process, cuda:LOCAL_RANK under torchrun.
+
+    Everything a process holds (the target, the estimators, the attacks' generators) must be put here:
+    a rank that left anything on cuda:0 fails at its first operation that mixes the two."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return device
@@ -29,13 +32,29 @@ def setup(device_name: str) -> torch.device:
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"torchrun started {os.environ['WORLD_SIZE']} processes per node, "
                             f"but only {torch.cuda.device_count()} CUDA devices exist")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type == "mps":
+        return torch.device("cuda", local_rank)
+    if device.type == "mps":
         raise UserError("multi-process training is not supported on MPS; use --device cpu or cuda")
+    return device
+
+
+def setup(device_name: str) -> torch.device:
+    """process_device(device_name); under torchrun also makes it the current CUDA device and joins the
+    process group (once)."""
+    device = process_device(device_name)
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def refuse_torchrun(script: str):
+    """For the stages that run as one process: under torchrun every rank would write the same files."""
+    if launched_by_torchrun():
+        raise UserError(f"{script} runs as a single process; start it with python, not torchrun")
 
 
 def world_size() -> int:

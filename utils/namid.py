@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from utils import distributed
 from utils.attacks import pgd_attack
-from utils.mi import cosine, local_encodings, masked_mean, mi_estimate, mi_quantities, select_misled
+from utils.training import clean_logits_in_train_mode
+from utils.mi import (cosine, full_precision, local_encoding, local_encodings, masked_mean, mi_estimate, mi_quantities,
+                      select_misled)
 
 MI_MODES = ("namid", "wmim")
 
@@ -54,8 +56,9 @@ def namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, m
     if not selected.any() or not which:
         loss, terms = namid_mi_loss({}, selected, 0.0, False, False)
     else:
-        q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure, which=which)
-        loss, terms = namid_mi_loss(q, selected, lam, use_nat, use_adv)
+        with full_precision(local_nat):
+            q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure, which=which)
+            loss, terms = namid_mi_loss(q, selected, lam, use_nat, use_adv)
     terms["selected"] = selected.sum().float()
     return loss, terms
 
@@ -63,16 +66,18 @@ def namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, m
 def wmim_mi_loss(natural_estimator, local_adv_image, logits_adv, measure):
     """WMIM (after Zhu et al. 2020): -mean over the batch of I(x~; h(x~)), with the natural estimator
     applied to the adversarial image itself (no disentanglement of natural and adversarial MI)."""
-    mi = mi_estimate(natural_estimator, local_adv_image, logits_adv, measure)
-    return -mi.mean(), {"mi_wmim": mi.mean().detach()}
+    with full_precision(local_adv_image):
+        mi = mi_estimate(natural_estimator, local_adv_image, logits_adv, measure)
+        return -mi.mean(), {"mi_wmim": mi.mean().detach()}
 
 
 def make_namid_step(model, estimators, objective, schedule, generator, *, beta, alpha, lam, measure,
-                    mi_mode="namid", use_nat=True, use_adv=True):
+                    mi_mode="namid", use_nat=True, use_adv=True, bn_stats="base"):
     """The stage-3 step: L_all = L_base + alpha * L_mi.
 
     Per step the target runs forward once on x and once on x~ (after the attack); those logits feed the
-    Eq. 6 selection, the base loss and every MI term. The estimators are frozen (eval mode, no parameter
+    Eq. 6 selection, the base loss and every MI term. bn_stats decides whether the clean forward updates
+    BatchNorm running statistics (clean_logits_in_train_mode). The estimators are frozen (eval mode, no parameter
     gradients), and their local encodings, which do not depend on theta, are computed once under no_grad.
     The published code ran 7 target forwards per step (SPEC section 8).
     """
@@ -87,9 +92,10 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
             if mi_mode == "namid":
                 local_nat, local_adv = local_encodings(estimators, x, x_adv)
             else:
-                local_adv_image = estimators["natural"].encode_local(x_adv)
+                local_adv_image = local_encoding(estimators["natural"], x_adv)
         model.train()
-        logits_nat, logits_adv = model(x), model(x_adv)
+        logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True)
+        logits_adv = model(x_adv)
         base = objective.loss(logits_nat, logits_adv, y, beta)
         if mi_mode == "namid":
             mi, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam,

@@ -66,8 +66,9 @@ PRESETS = {
         "CIFAR-10 with the published code's settings: WRN-34-10, batch 256, PGD-40, the published estimator "
         "objective, lambda 0, 2 clean warm-up epochs. Its defects stay fixed (SPEC section 8): the baselines "
         "train with PGD-40 like NAMID (the code gave them PGD-10: --set standard.num-steps=10), the estimators "
-        "use the target's threat model, and AutoAttack runs in full.",
-        common={"arch": "wrn-34-10", "batch-size": 256, "num-steps": 40},
+        "use the target's threat model, and AutoAttack runs in full. BatchNorm statistics are updated by clean and "
+        "adversarial batches as in the published NAMID code, and so in the baselines too (--bn-stats mixed).",
+        common={"arch": "wrn-34-10", "batch-size": 256, "num-steps": 40, "bn-stats": "mixed"},
         standard={"warmup-epochs": 2},
         estimators={"estimator-loss": "reference"},
         namid={"preset": "reference", "alpha": 5, "lambda": 0}),

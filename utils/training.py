@@ -9,12 +9,14 @@ import shlex
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from models import build_model
@@ -157,10 +159,11 @@ class TrainingRun:
 
     def __init__(self, run_dir: RunDirectory, args, stage: str, model, optimizer, generator, model_spec: dict = None,
                  select_key: str = "val_pgd_acc", select_mode: str = "max", model_key: str = "model",
-                 spec_key: str = "model_spec", metadata: dict = None):
+                 spec_key: str = "model_spec", metadata: dict = None, selects: bool = True):
         self.run_dir, self.args, self.stage = run_dir, args, stage
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.model_spec, self.select_key, self.select_mode = model_spec, select_key, select_mode
+        self.selects = selects  # False without validation data: then every epoch replaces the last
         self.model_key, self.spec_key = model_key, spec_key
         self.metadata = metadata or {}  # extra JSON-like fields stored in every checkpoint
         self.history, self.best, self.start_epoch = [], None, 0
@@ -189,11 +192,17 @@ class TrainingRun:
 
     def _selection_value(self, row):
         value = row.get(self.select_key)
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+        return float(value) if _is_finite(value) else None
 
     def _is_better(self, value) -> bool:
-        """Strictly better than the best so far; without validation data every epoch replaces the last."""
-        if self.best is None or value is None or self.best["value"] is None:
+        """Strictly better than the best so far. A missing or non-finite value (NaN, +-inf: a diverging
+        epoch) is never better than anything, and anything finite beats a best that has none. Without
+        validation data (selects False) every epoch replaces the last."""
+        if not self.selects:
+            return True
+        if not _is_finite(value):
+            return False
+        if self.best is None or not _is_finite(self.best["value"]):
             return True
         return value > self.best["value"] if self.select_mode == "max" else value < self.best["value"]
 
@@ -248,10 +257,18 @@ class TrainingRun:
                 tqdm.write(summarise(row))
         if self.writer is not None:
             self.writer.close()
-        best = self.best or {}
         if distributed.is_main():
-            tqdm.write(f"done: best epoch {best.get('epoch')} ({self.select_key} {best.get('value')}); files in {self.run_dir.path}")
+            if self.best is None:
+                tqdm.write(f"done: no epoch had a finite {self.select_key}, so {self.run_dir.best.name} was not written; "
+                           f"files in {self.run_dir.path}")
+            else:
+                tqdm.write(f"done: best epoch {self.best['epoch']} ({self.select_key} {self.best['value']}); "
+                           f"files in {self.run_dir.path}")
         return self.history
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def summarise(row: dict) -> str:
@@ -316,7 +333,48 @@ def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: 
     return stats
 
 
-def make_adversarial_step(model, objective, attack_schedule, beta, generator):
+# ----------------------------------------------------------------------------------------------
+# BatchNorm running statistics: which training batches update them (--bn-stats; README, "Batch norm")
+
+BN_POLICIES = ("base", "mixed")
+
+
+@contextmanager
+def running_statistics_frozen(model):
+    """Train-mode forwards inside normalise with their batch statistics as usual, but leave every
+    BatchNorm's running statistics (and batch counter) as they were."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [[buffer.clone() for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def clean_logits_in_train_mode(model, x, objective, bn_stats: str, for_mi: bool = False):
+    """h(x) in train mode after the attack, or None when nothing needs it, under the BN policy.
+
+    base:  the running statistics see exactly the batches the base loss trains on: x~ only for AT,
+           x and x~ for TRADES and MART. NAMID's clean forward (for_mi, AT base) does not update them,
+           so NAMID and Standard AT (or NAMID-T and TRADES) share one policy.
+    mixed: x and x~ update them in every run: NAMID as in the published code, and Standard AT runs an
+           extra no-grad clean forward for its statistics alone."""
+    if objective.needs_clean_logits or (for_mi and bn_stats == "mixed"):
+        return model(x)
+    if for_mi:
+        with running_statistics_frozen(model):
+            return model(x)
+    if bn_stats == "mixed":
+        with torch.no_grad():
+            return model(x)
+    return None
+
+
+def make_adversarial_step(model, objective, attack_schedule, beta, generator, bn_stats: str = "base"):
     """The stage-1 step: craft x~ with the objective's training attack, then its loss in train mode.
 
     attack_schedule(batch_index) -> PGDConfig, or None for a clean (warm-up) step.
@@ -329,7 +387,7 @@ def make_adversarial_step(model, objective, attack_schedule, beta, generator):
             return F.cross_entropy(logits, y), logits, None, {}
         x_adv = pgd_attack(distributed.unwrap(model), x, y, config, generator)
         model.train()
-        logits_nat = model(x) if objective.needs_clean_logits else None
+        logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats)
         logits_adv = model(x_adv)
         return objective.loss(logits_nat, logits_adv, y, beta), logits_nat, logits_adv, {}
     return step
@@ -429,7 +487,8 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
     train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
     eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
 
-    run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata)
+    run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata,
+                      selects=len(splits.val) > 0)
     if not args.resume and distributed.is_main():
         run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
                                                          "eval_attack": vars(eval_attack), "processes": distributed.world_size(),
@@ -444,7 +503,8 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
         for name, split in (("val", splits.val), ("test", splits.test)):
             loader = make_loader(split, eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
                                  device=device, **shard)
-            result = evaluate(model, loader, eval_attack, device, seed=args.seed + 1000 * epoch, amp=args.amp, desc=name)
+            # One attack seed for every epoch: the best epoch is then chosen on model change, not attack noise.
+            result = evaluate(model, loader, eval_attack, device, seed=args.seed, amp=args.amp, desc=name)
             row[f"{name}_clean_acc"], row[f"{name}_pgd_acc"] = result["clean_acc"], result["pgd_acc"]
         return row
 
