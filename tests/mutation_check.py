@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Mutation check: apply each miswiring the test suite must catch, run the tests aimed at it, revert.
+
+    python3 tests/mutation_check.py            # every mutation (about 10 minutes on 2 cores)
+    python3 tests/mutation_check.py pgd-start  # one of them
+
+Each mutation is a literal replacement in one file; the tests named with it must fail once it is applied.
+The file is always restored, also when the run is interrupted. Exits non-zero if a mutation survives.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name: (file, original text, mutated text, pytest node ids or -k selections that must fail)
+MUTATIONS = {
+    "adversarial-estimator-reads-x~": (
+        "utils/mi.py", 'local_encoding(estimators["adversarial"], x_adv.float() - x.float())',
+        'local_encoding(estimators["adversarial"], x_adv.float())',
+        ["tests/test_mi.py", "tests/test_namid.py::test_step_feeds_the_image_to_the_natural_estimator_and_the_pattern_to_the_adversarial_one"]),
+    "I_N(x;h(x~))-reads-h(x)": (
+        "utils/mi.py", '"nat_mi_adv": ("natural", "nat", "adv")', '"nat_mi_adv": ("natural", "nat", "nat")',
+        ["tests/test_mi.py"]),
+    "pgd-start-removed": (
+        "utils/attacks.py", "delta = project(random_start(x, config, generator), config.norm, config.epsilon)",
+        "delta = torch.zeros_like(x)",
+        ["tests/test_attacks.py"]),
+    "autoattack-version-plus": (
+        "utils/evaluation.py", 'kwargs = dict(norm="Linf", eps=epsilon, version=version, seed=seed, device=x.device)',
+        'kwargs = dict(norm="Linf", eps=epsilon, version="plus", seed=seed, device=x.device)',
+        ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "autoattack-fewer-iterations": (
+        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
+        "            adversary = cls(model, **kwargs)\n            adversary.apgd.n_iter = 10\n",
+        ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "autoattack-fewer-square-queries": (
+        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
+        "            adversary = cls(model, **kwargs)\n            adversary.square.n_queries = 1000\n",
+        ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "autoattack-attack-list": (
+        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
+        "            adversary = cls(model, **kwargs)\n            adversary.attacks_to_run = ['apgd-ce', 'apgd-t']\n",
+        ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "wmim-on-clean-x": (
+        "utils/namid.py", 'local_adv_image = local_encoding(estimators["natural"], x_adv)',
+        'local_adv_image = local_encoding(estimators["natural"], x)',
+        ["tests/test_namid.py::test_wmim_maximises_the_mi_of_the_adversarial_image_with_its_logits"]),
+    "estimators-on-cuda0-under-torchrun": (
+        "train_MIAT.py", "load_estimators(args.estimators, distributed.process_device(args.device))",
+        "load_estimators(args.estimators, distributed.resolve_device(args.device))",
+        ["tests/test_namid.py::test_each_torchrun_process_puts_the_estimators_and_the_target_on_its_own_device"]),
+    "nan-replaces-best": (
+        "utils/training.py", "        if not _is_finite(value):\n            return False\n",
+        "        if value is None:\n            return True\n",
+        ["tests/test_training.py"]),
+    "transfer-crafted-on-the-target": (
+        "utils/evaluation.py", "                predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)\n                robust[index]",
+        "                predicted, has_nan = predictions(model, attack.craft(model, x, y, generator).x_adv, device, amp)\n                robust[index]",
+        ["tests/test_evaluation.py::test_transfer_crafts_on_the_surrogate_and_checks_the_budget"]),
+    "estimators-in-bf16-under-amp": (
+        "utils/mi.py", "    with torch.autocast(device_type=tensor.device.type, enabled=False):\n        yield",
+        "    yield",
+        ["tests/test_mi.py", "tests/test_namid.py::test_step_runs_the_estimators_in_float32_under_bf16_autocast"]),
+    "global-head-separate-passes": (
+        "utils/mi.py", "return estimator.encode_global(torch.cat([logits_nat, logits_adv])).chunk(2)",
+        "return estimator.encode_global(logits_nat), estimator.encode_global(logits_adv)",
+        ["tests/test_mi.py"]),
+    "stage2-selects-on-the-objective": (
+        "utils/estimator_training.py", 'SELECT_KEY = "val_mi_selection"', 'SELECT_KEY = "val_objective"',
+        ["tests/test_estimator_scripts.py::test_end_to_end_outputs_and_frozen_target"]),
+    "validation-attack-reseeded-per-epoch": (
+        "utils/training.py", "eval_attack, device, seed=args.seed, amp", "eval_attack, device, seed=args.seed + 1000 * epoch, amp",
+        ["tests/test_training.py::test_one_validation_attack_seed_for_every_epoch"]),
+    "namid-clean-forward-updates-bn": (
+        "utils/namid.py", "logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True)",
+        "logits_nat = model(x)",
+        ["tests/test_training.py::test_bn_running_statistics_follow_the_policy"]),
+    "selection-argmax-over-the-batch": (
+        "utils/mi.py", "return (logits_nat.argmax(dim=1) == y) & (logits_adv.argmax(dim=1) != y)",
+        "return (logits_nat.softmax(dim=0).argmax(dim=1) == y) & (logits_adv.softmax(dim=0).argmax(dim=1) != y)",
+        ["tests/test_mi.py::test_selection_uses_argmax_over_classes",
+         "tests/test_namid.py::test_end_to_end_writes_every_output"]),
+}
+
+
+def check(name) -> bool:
+    """True when the mutation is caught (its tests fail)."""
+    file, original, mutated, tests = MUTATIONS[name]
+    path = REPO / file
+    text = path.read_text()
+    if text.count(original) != 1:
+        raise SystemExit(f"{name}: the original text is not found exactly once in {file}; update the mutation")
+    try:
+        path.write_text(text.replace(original, mutated))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                cwd=REPO, capture_output=True, text=True)
+    finally:
+        path.write_text(text)
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    caught = result.returncode != 0
+    print(f"{'caught  ' if caught else 'SURVIVED'} {name}: {summary}", flush=True)
+    return caught
+
+
+def main(names):
+    unknown = [n for n in names if n not in MUTATIONS]
+    if unknown:
+        raise SystemExit(f"unknown mutation(s): {', '.join(unknown)}; choose from {', '.join(MUTATIONS)}")
+    survived = [name for name in (names or MUTATIONS) if not check(name)]
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
