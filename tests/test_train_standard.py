@@ -47,6 +47,8 @@ def test_end_to_end_writes_every_output(fmnist_dir, tmp_path):
     for row in rows:
         for key in METRIC_COLUMNS[3:9]:
             assert 0.0 <= float(row[key]) <= 1.0, (key, row[key])
+        for key in METRIC_COLUMNS[5:9]:  # 100 validation and 100 test images, each counted once
+            assert float(row[key]) * 100 == pytest.approx(round(float(row[key]) * 100), abs=1e-6), (key, row[key])
         assert float(row["test_pgd_acc"]) <= float(row["test_clean_acc"])
         assert float(row["seconds"]) > 0
 

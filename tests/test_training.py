@@ -24,19 +24,19 @@ INF, NAN = float("inf"), float("nan")
 # ---------------------------------------------------------------------------------------------------------
 # Selection
 
-def selection_run(tmp_path, values, mode="max", selects=True):
+def selection_run(tmp_path, values, mode="max", selects=True, key="score", resume=False):
     """A TrainingRun over a tiny model whose epochs report `values` as their selection key; returns the
     run and, per epoch, the weight the model had (the epoch number), to read back from best.pt."""
     model = torch.nn.Linear(1, 1, bias=False)
-    args = Namespace(resume=False, epochs=len(values), lr=0.1, milestones=[], lr_gamma=0.1, tensorboard=False)
-    run = TrainingRun(RunDirectory(tmp_path / "run", resume=False), args, "standard", model,
-                      torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator(), select_key="score",
+    args = Namespace(resume=resume, epochs=len(values), lr=0.1, milestones=[], lr_gamma=0.1, tensorboard=False)
+    run = TrainingRun(RunDirectory(tmp_path / "run", resume=resume), args, "standard", model,
+                      torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator(), select_key=key,
                       select_mode=mode, selects=selects)
 
     def run_epoch(epoch):
         with torch.no_grad():
             model.weight.fill_(epoch + 1)  # best.pt then tells which epoch it holds
-        return {"score": values[epoch]}
+        return {"score": values[epoch], "other": -values[epoch]}
 
     run.fit(run_epoch)
     return run
@@ -71,6 +71,14 @@ def test_no_finite_value_writes_no_best_checkpoint(tmp_path):
 def test_without_validation_data_every_epoch_replaces_the_last(tmp_path):
     run = selection_run(tmp_path, [NAN, NAN, NAN], selects=False)
     assert run.best["epoch"] == 3 and best_weight(tmp_path) == 3
+
+
+def test_resuming_a_run_selected_on_another_value_starts_selection_afresh(tmp_path):
+    """A run begun by a version that selected on another key (stage 2 before issue 10): its old best is
+    not comparable, so the first resumed epoch with a finite value becomes the best."""
+    selection_run(tmp_path, [0.9, 0.8], key="other", mode="min")  # best: epoch 1 (other = -0.9)
+    run = selection_run(tmp_path, [0.9, 0.8, 0.1], key="score", resume=True)
+    assert run.best["epoch"] == 3 and run.best["key"] == "score" and best_weight(tmp_path) == 3
 
 
 def test_one_validation_attack_seed_for_every_epoch(fmnist_dir, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
 train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
 """
+import math
 import sys
 from pathlib import Path
 
@@ -177,12 +178,14 @@ def held_out_row(values, prefix="val") -> dict:
 
 def warn_if_worse_than_constant(row, epoch, objective_name):
     """A constant critic scores exactly 0 under DV; held-out estimates below 0 of the maximised
-    quantities mean the estimators have diverged or overfit (Eq. 5 is unbounded: README, stage 2)."""
-    worst = min(row["val_nat_mi_clean"], row["val_adv_mi_adv"])
-    if worst < 0:
-        tqdm.write(f"warning: epoch {epoch + 1}: held-out I_N(x; h(x)) {row['val_nat_mi_clean']:.4g} / I_A(n; h(x~)) "
-                   f"{row['val_adv_mi_adv']:.4g}: below 0, worse than a constant critic; the {objective_name} "
-                   f"estimators are diverging or overfitting", file=sys.stderr)
+    quantities, on the samples each estimator is trained for (maximised_estimates), mean the estimators
+    have diverged or overfit (Eq. 5 is unbounded: README, stage 2). No fooled sample: E_a is not judged."""
+    natural, adversarial = row["val_nat_mi_correct"], row["val_adv_mi_fooled"]
+    worse = lambda value: not (math.isfinite(value) and value >= 0)  # noqa: E731
+    if worse(natural) or (not math.isnan(adversarial) and worse(adversarial)):
+        tqdm.write(f"warning: epoch {epoch + 1}: held-out I_N(x; h(x)) on correct samples {natural:.4g} / I_A(n; h(x~)) "
+                   f"on fooled samples {adversarial:.4g}: below 0 or not finite, worse than a constant critic; the "
+                   f"{objective_name} estimators are diverging or overfitting", file=sys.stderr)
 
 
 def _stats(tensor) -> dict:

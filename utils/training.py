@@ -184,6 +184,11 @@ class TrainingRun:
         except (ValueError, KeyError) as error:
             raise UserError(f"--resume: optimizer state in {self.run_dir.last} does not fit ({error})") from None
         self.history, self.best, self.start_epoch = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
+        if self.best is not None and self.best.get("key") != self.select_key:
+            # A run started by an older version that selected on another value (stage 2 before issue 10).
+            tqdm.write(f"--resume: {self.run_dir.last} selected its best epoch on {self.best.get('key')}; from now on "
+                       f"{self.select_key} selects, starting afresh with the next epoch")
+            self.best = None
         if distributed.is_main():
             restore_rng_state(checkpoint["rng"], self.generator)
             tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
