@@ -36,7 +36,7 @@ def selection_run(tmp_path, values, mode="max", selects=True, key="score", resum
     def run_epoch(epoch):
         with torch.no_grad():
             model.weight.fill_(epoch + 1)  # best.pt then tells which epoch it holds
-        return {"score": values[epoch], "other": -values[epoch]}
+        return {"score": values[epoch], "other": None if values[epoch] is None else -values[epoch]}
 
     run.fit(run_epoch)
     return run
