@@ -93,13 +93,14 @@ def check(name) -> bool:
         raise SystemExit(f"{name}: the original text is not found exactly once in {file}; update the mutation")
     try:
         path.write_text(text.replace(original, mutated))
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests],
                                 cwd=REPO, capture_output=True, text=True)
     finally:
         path.write_text(text)
-    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
     caught = result.returncode != 0
-    print(f"{'caught  ' if caught else 'SURVIVED'} {name}: {summary}", flush=True)
+    detail = f"by {failed[0]}" if failed else (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"{'caught  ' if caught else 'SURVIVED'} {name}: {detail}", flush=True)
     return caught
 
 
