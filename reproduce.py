@@ -93,8 +93,13 @@ def main(argv=None):
     invocation = {"command": shlex.join(["reproduce.py", *argv]), "seconds": round(time.perf_counter() - started, 1),
                   "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})"}
     from utils.study import write_study  # matplotlib only once everything has run
-    table = write_study(config, tasks, out, recorded_seconds(tasks), invocation)
-    print(table, end="")
+    summary = write_study(config, tasks, out, recorded_seconds(tasks), invocation)
+    print(summary["caption"])
+    print(summary["table"], end="")
+    warnings = summary["warnings"]
+    print(f"{len(warnings)} warning(s) from the stages (also in results.md):" if warnings else "no warnings from any stage")
+    for warning in warnings:
+        print(f"  {warning['stage']}: {warning['message']}")
     print(f"results in {out}/results.md, results.csv, results.json and the figures beside them")
     return 0
 

@@ -27,9 +27,10 @@ from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, posit
 from utils.data import dataset_info, load_splits, make_loader
 from utils.errors import UserError, run_main
 from utils.evaluation import (ATTACK_NAMES, WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
-                              clean_predictions, emit_warning, fwa_default_radius, markdown_table, run_attack,
+                              clean_predictions, fwa_default_radius, markdown_table, run_attack,
                               row_accuracies, run_transfer, sanity_warnings, table_columns, tidim_default_kernel,
                               worst_case)
+from utils.run_warnings import RunWarnings
 from utils.runtime import git_commit, package_versions, resolve_device
 from utils.training import load_model
 
@@ -357,6 +358,8 @@ def main(argv=None):
     surrogate_label = defense_label(surrogate[1], args.surrogate) if surrogate else None
     columns = table_columns(args.attacks, attacks, f"transfer (from {surrogate_label})" if surrogate else None)
     out_dir = prepare_out_dir(args.out_dir)
+    warnings = RunWarnings()
+    warnings.keep_in(out_dir, fresh=True)  # this evaluation's warnings replace an earlier one's
 
     splits = load_splits(info.name, args.data_dir, val_size=0, train_limit=1, test_limit=args.test_limit,
                          seed=args.seed, augment=False)
@@ -386,7 +389,7 @@ def main(argv=None):
 
     for label, clean, results in zip(labels, cleans, results_by_model):
         for line in sanity_warnings(label, clean, results, attacks):
-            emit_warning(line)
+            warnings.warn(line)
             summary["warnings"].append(line)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_outputs(out_dir, summary, records, columns, attacks, final=True)

@@ -19,13 +19,14 @@ from utils.checkpoint import file_sha256
 from utils.estimator_training import load_estimators
 from utils.losses import BASE_LOSSES, OBJECTIVES
 from utils.namid import MI_MODES, make_namid_step
+from utils.run_warnings import RunWarnings
 from utils.training import train_target_model
 
 STAGE = "namid"
 # Flags left unset take the preset's value, then the dataset's default (utils/cli.py).
 PRESETS = {
-    "paper": dict(lam=0.1),  # SPEC section 2: ResNet-18, batch 1024, PGD-10 step eps/4, alpha 5, lambda 0.1
-    # The published code's settings (SPEC sections 2 and 8), for comparing with its numbers.
+    "paper": dict(lam=0.1),  # docs/method.md section 2: ResNet-18, batch 1024, PGD-10 step eps/4, alpha 5, lambda 0.1
+    # The published code's settings (docs/method.md sections 2 and 8), for comparing with its numbers.
     "reference": dict(arch="wrn-34-10", batch_size=256, num_steps=40, lam=0.0, warmup_epochs=2, bn_stats="mixed"),
 }
 
@@ -45,8 +46,8 @@ def build_parser():
     group.add_argument("--no-adv-mi", action="store_true", help="ablation: drop the adversarial-MI cosine term")
     group.add_argument("--no-nat-mi", action="store_true", help="ablation: drop the natural-MI cosine term")
     group.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                       help="paper: SPEC section 2; reference: the published code's (WRN-34-10, batch 256, PGD-40, lambda 0, 2 warm-up "
-                            "epochs, --bn-stats mixed)")
+                       help="paper: docs/method.md section 2; reference: the published code's (WRN-34-10, batch 256, "
+                            "PGD-40, lambda 0, 2 warm-up epochs, --bn-stats mixed)")
     group.add_argument("--allow-arch-mismatch", action="store_true",
                        help="train another architecture than the one whose logits the estimators were trained on")
     add_data_args(parser)
@@ -58,7 +59,7 @@ def build_parser():
     return parser
 
 
-def check_estimators_fit(args, checkpoint):
+def check_estimators_fit(args, checkpoint, warnings):
     """Dataset, normalisation, architecture and threat model must match the estimators'."""
     spec, target = checkpoint["estimator_spec"], checkpoint["target_spec"]
     info = dataset_info(args.dataset)
@@ -73,10 +74,10 @@ def check_estimators_fit(args, checkpoint):
                         f"(pass --allow-arch-mismatch to do it anyway)")
     if checkpoint["attack"]["norm"] != args.norm:
         raise UserError(f"--estimators were trained under {checkpoint['attack']['norm']}, not --norm {args.norm} "
-                        f"(the published code mixed them: SPEC section 8)")
+                        f"(the published code mixed them: docs/method.md section 8)")
     if args.mi_mode == "wmim" and checkpoint.get("objective") != "only-max":
-        print(f"{Path(sys.argv[0]).name}: warning: WMIM expects only-max estimators (train_MI_estimator_only_max.py); "
-              f"these were trained with the {checkpoint.get('objective')} objective", file=sys.stderr)
+        warnings.warn(f"WMIM expects only-max estimators (train_MI_estimator_only_max.py); these were trained with the "
+                      f"{checkpoint.get('objective')} objective")
 
 
 def resolve_args(args, estimator_checkpoint):
@@ -105,7 +106,8 @@ def main(argv=None):
     # On this process's own device: cuda:LOCAL_RANK under torchrun, where train_target_model puts the target.
     estimators, checkpoint = load_estimators(args.estimators, distributed.process_device(args.device))
     resolve_args(args, checkpoint)
-    check_estimators_fit(args, checkpoint)
+    warnings = RunWarnings()
+    check_estimators_fit(args, checkpoint, warnings)
     objective = OBJECTIVES[args.base_loss]
     measure = checkpoint["estimator_spec"]["measure"]
 
@@ -116,7 +118,7 @@ def main(argv=None):
 
     metadata = {"estimators_checkpoint": str(Path(args.estimators).resolve()), "estimator_spec": checkpoint["estimator_spec"],
                 "estimator_objective": checkpoint.get("objective")}
-    train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step, metadata)
+    train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step, metadata, warnings)
     return 0
 
 

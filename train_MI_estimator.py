@@ -22,7 +22,8 @@ def build_parser():
     add_estimator_args(parser, default_epochs=25, model_dir_hint="checkpoints/estimators_<loss>_<dataset>_<measure>_seed<seed>")
     group = parser.add_argument_group("objective")
     group.add_argument("--estimator-loss", choices=("paper", "reference"), default="paper",
-                       help="paper: Eq. 5; reference: the published code's objective with cosine terms (SPEC section 5)")
+                       help="paper: Eq. 5; reference: the published code's objective with cosine terms "
+                            "(docs/method.md section 5)")
     group.add_argument("--beta", type=nonnegative_number, default=1.0, help="weight of the subtracted MI in Eq. 5")
     return parser
 

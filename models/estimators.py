@@ -1,4 +1,5 @@
-"""The DIM-style local mutual-information estimator of SPEC section 3 (after Hjelm et al. 2019, Zhu et al. 2020).
+"""The DIM-style local mutual-information estimator of docs/method.md section 3 (after Hjelm et al. 2019,
+Zhu et al. 2020).
 
 An estimator pairs a local encoder C, applied to an image-shaped input u (a natural image x or an
 adversarial pattern n = x~ - x), with a global head G, applied to the target's logits h(v). The

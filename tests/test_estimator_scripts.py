@@ -9,6 +9,7 @@ import train_MI_estimator
 import train_MI_estimator_only_max
 from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.mi import QUANTITIES
+from utils.run_warnings import read_warnings
 from utils.training import load_model
 
 SCRIPTS = {"paper": train_MI_estimator, "only-max": train_MI_estimator_only_max}
@@ -22,14 +23,19 @@ def small_args(fmnist_dir, target, model_dir, *extra):
 
 @pytest.mark.parametrize("name,extra", [("paper", []), ("paper", ["--estimator-loss", "reference", "--mi-measure", "jsd"]),
                                         ("only-max", ["--mi-measure", "nce"])])
-def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path, name, extra):
+def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path, name, extra, capsys):
     target_digest = digest(tiny_target)
     target_before, _ = load_model(tiny_target, "cpu")
     model_dir = tmp_path / "est"
     assert SCRIPTS[name].main(small_args(fmnist_dir, tiny_target, model_dir, "--epochs", "2", *extra)) == 0
 
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "estimators.pt", "last.pt", "metrics.csv",
-                                                           "mi_distributions.png", "mi_report.json", "mi_values.npz"]
+    outputs = ["config.json", "estimators.pt", "last.pt", "metrics.csv", "mi_distributions.png", "mi_report.json",
+               "mi_values.npz"]
+    assert sorted(p.name for p in model_dir.iterdir() if p.name != "warnings.json") == outputs
+    printed = capsys.readouterr().err
+    for message in read_warnings(model_dir):  # every warning kept was also printed, and the other way round
+        assert f"warning: {message}" in printed
+    assert printed.count("warning: ") == len(read_warnings(model_dir))
     report = json.loads((model_dir / "mi_report.json").read_text())
     with numpy.load(model_dir / "mi_values.npz") as values:  # the per-sample values behind the report
         selected, correct, fooled = values["selected"], values["correct"], values["fooled"]

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import test_comparison
 import train_standard
-from models import build_model
 from tests.conftest import REPO
 from tests.test_train_standard import SMALL_RUN
 from utils.advertorch_compat import advertorch_attacks, zero_gradients
@@ -64,7 +63,7 @@ def assert_same_rng(before, after):
 # ----------------------------------------------------------------------------------------------
 # Each attack on the briefly trained SmallCNN: threat model on every returned batch, effect, side effects
 
-# Default settings (SPEC section 7), except AutoAttack's epsilon: at 0.2 APGD-CE breaks every image, so
+# Default settings (docs/method.md section 7), except AutoAttack's epsilon: at 0.2 APGD-CE breaks every image, so
 # APGD-T, FAB-T and Square are skipped (each costs ~20 s on CPU for a single surviving image; they run
 # in full on a tiny network in test_no_attack_leaves_gradients_bn_statistics_or_rng_changes_behind).
 @pytest.mark.parametrize("name,count,extra", [("pgd", 32, []), ("aa", 16, ["--epsilon", "0.2"]), ("fwa", 16, []),

@@ -13,6 +13,7 @@ from tests.conftest import REPO
 from tests.helpers import assert_one_line_error, run_script
 from utils.errors import UserError
 from utils.pipeline import MARKER, build_plan, resolve_config
+from utils.run_warnings import read_warnings
 from utils.study import cell_stats, format_cell
 
 RUNNER = {"seeds": None, "defenses": None, "jobs": None, "curve_steps": None, "epsilons": None}
@@ -166,6 +167,19 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     assert len(results["training_curves"]["NAMID"]["clean"][0]) == 3  # one point per epoch
     config = json.loads((out / "config.json").read_text())
     assert config["namid"]["epochs"] == "3" and config["preset"] == "demo"
+    # every stage's warnings, with the stage that raised them, in results.json, results.md and the closing summary
+    kept = [{"stage": f"seed0/{folder.name}", "message": message} for folder in (out / "seed0").iterdir()
+            for message in read_warnings(folder)]
+    assert sorted(kept, key=str) == sorted(results["warnings"], key=str)
+    assert any(w["stage"] == "seed0/estimators" for w in kept), "the 1-epoch estimators are expected to warn"
+    markdown = (out / "results.md").read_text()
+    summary = result.stdout[result.stdout.index("warning(s) from the stages"):]
+    for warning in kept:
+        assert f"- `{warning['stage']}`: {warning['message']}" in markdown
+        assert f"  {warning['stage']}: {warning['message']}" in summary
+    assert markdown.startswith("# demo: robust accuracy (%) on fashion-mnist, a single run (seed 0; no spread across "
+                               "seeds), 100 test images per seed")
+    assert result.stdout.startswith("demo: robust accuracy (%)")
     for stage in ("standard-at", "estimators", "namid", "eval-namid", "curve-eps0.05"):
         assert (out / "seed0" / stage / MARKER).is_file(), stage
         events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))

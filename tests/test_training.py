@@ -12,7 +12,6 @@ import utils.namid as namid_module
 import utils.training as training_module
 from models import build_model
 from models.estimators import build_estimators
-from tests.helpers import read_metrics
 from tests.test_train_standard import small_args
 from utils.attacks import PGDConfig
 from utils.losses import OBJECTIVES

@@ -7,12 +7,12 @@ from models import ARCHITECTURES
 from utils.attacks import NORMS
 from utils.data import DATASETS
 
-# Settings of the paper (SPEC section 2) for colour data; MNIST-like data trains a SmallCNN instead.
+# Settings of the paper (docs/method.md section 2) for colour data; MNIST-like data trains a SmallCNN instead.
 # A flag left at None on the command line takes its value from the dataset's row here.
 PAPER_DEFAULTS = dict(arch="resnet18", epochs=100, batch_size=1024, lr=0.1, weight_decay=2e-4,
                       warmup_epochs=0, eps_ramp_epochs=0, hsize=2048, num_steps=10, bn_stats="base")
 # SmallCNN adversarial training from scratch on MNIST-like data sits at chance for a long time and
-# can collapse under momentum SGD at lr 0.05 (SPEC section 9): a clean warm-up epoch followed by
+# can collapse under momentum SGD at lr 0.05 (docs/method.md section 9): a clean warm-up epoch followed by
 # an epsilon ramp trains reliably (measured in bench/results/, see README).
 # The MI estimators of MNIST-like data are narrower (hsize 256): at the paper's 2048 an estimator
 # step costs several times the PGD attack on a SmallCNN (bench/results/estimator_step.json).

@@ -1,4 +1,4 @@
-"""Stage 4 (SPEC section 7): the attack suite of the paper's Table 1, per-example robustness, the
+"""Stage 4 (docs/method.md section 7): the attack suite of the paper's Table 1, per-example robustness, the
 per-threat-model worst case, sanity checks, and the result tables.
 
 Every attack returns adversarial examples; an example is robust to an attack when the model still
@@ -11,7 +11,6 @@ import importlib
 import inspect
 import math
 import random
-import sys
 import time
 import warnings
 import zlib
@@ -508,10 +507,6 @@ def sanity_warnings(label: str, clean: AttackResult, results: dict, attacks: dic
                          f"attack (best: {attacks[best_name].column} {white[best_name].accuracy:.2%}): "
                          f"the white-box attacks are failing (gradient masking?)")
     return lines
-
-
-def emit_warning(line: str):
-    tqdm.write(f"warning: {line}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

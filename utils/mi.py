@@ -1,4 +1,4 @@
-"""Per-sample mutual-information estimates (SPEC section 3), the Eq. 6 selection (section 4), and the
+"""Per-sample mutual-information estimates (docs/method.md section 3), the Eq. 6 selection (section 4), and the
 stage-2 estimator objectives (section 5).
 
 Written by hand: no maintained library offers DIM-style local MI estimates per sample. Conventions:

@@ -1,4 +1,4 @@
-"""The stage-3 MI losses (SPEC section 6): NAMID's L_mi (paper Eq. 8 and 9) and the WMIM baseline.
+"""The stage-3 MI losses (docs/method.md section 6): NAMID's L_mi (paper Eq. 8 and 9) and the WMIM baseline.
 
     L_mi = Lcos(I_N(x'; h(x~')), I_N(x'; h(x')))          natural-MI term   (--no-nat-mi drops it)
          + Lcos(I_A(n'; h(x~')), I_A(n'; h(x')))          adversarial-MI term (--no-adv-mi drops it)
@@ -79,7 +79,7 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
     Eq. 6 selection, the base loss and every MI term. bn_stats decides whether the clean forward updates
     BatchNorm running statistics (clean_logits_in_train_mode). The estimators are frozen (eval mode, no parameter
     gradients), and their local encodings, which do not depend on theta, are computed once under no_grad.
-    The published code ran 7 target forwards per step (SPEC section 8).
+    The published code ran 7 target forwards per step (docs/method.md section 8).
     """
     def step(x, y, index):
         config = schedule(index)

@@ -58,16 +58,17 @@ COLOUR_EPSILONS = ["2/255", "4/255", "8/255", "12/255", "16/255"]
 PRESETS = {
     "cifar10-paper": _paper_like(
         "cifar10", COLOUR_EPSILONS,
-        "CIFAR-10 with the paper's settings (SPEC section 2): ResNet-18, 100 epochs, batch 1024, lr 0.1, "
+        "CIFAR-10 with the paper's settings (docs/method.md section 2): ResNet-18, 100 epochs, batch 1024, lr 0.1, "
         "PGD-10 step eps/4, eps 8/255, Eq. 5 estimators, alpha 5, lambda 0.1; every Table 1 attack and the "
         "VGG-19 transfer column. GPU only."),
     "cifar10-reference": _paper_like(
         "cifar10", COLOUR_EPSILONS,
         "CIFAR-10 with the published code's settings: WRN-34-10, batch 256, PGD-40, the published estimator "
-        "objective, lambda 0, 2 clean warm-up epochs. Its defects stay fixed (SPEC section 8): the baselines "
-        "train with PGD-40 like NAMID (the code gave them PGD-10: --set standard.num-steps=10), the estimators "
-        "use the target's threat model, and AutoAttack runs in full. BatchNorm statistics are updated by clean and "
-        "adversarial batches as in the published NAMID code, and so in the baselines too (--bn-stats mixed).",
+        "objective, lambda 0, 2 clean warm-up epochs. Its defects stay fixed (docs/method.md section 8): the "
+        "baselines train with PGD-40 like NAMID (the code gave them PGD-10: --set standard.num-steps=10), the "
+        "estimators use the target's threat model, and AutoAttack runs in full. BatchNorm statistics are updated "
+        "by clean and adversarial batches as in the published NAMID code, and so in the baselines too "
+        "(--bn-stats mixed).",
         common={"arch": "wrn-34-10", "batch-size": 256, "num-steps": 40, "bn-stats": "mixed"},
         standard={"warmup-epochs": 2},
         estimators={"estimator-loss": "reference"},

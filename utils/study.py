@@ -15,8 +15,10 @@ from utils.estimator_training import MI_VALUES_FILE
 from utils.evaluation import row_accuracies
 from utils.pipeline import DEFENSES
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
+from utils.run_warnings import read_warnings
 
-# SPEC section 7: the paper's Table 1 on CIFAR-10 with ResNet-18 (clean, PGD-40, AutoAttack), for orientation.
+# docs/method.md section 7: the paper's Table 1 on CIFAR-10 with ResNet-18 (clean, PGD-40, AutoAttack),
+# for orientation.
 PAPER_TABLE1 = {"Standard AT": (83.39, 42.38, 39.01), "NAMID": (83.41, 44.79, 39.26), "TRADES": (80.70, 46.29, 42.71),
                 "NAMID-T": (80.67, 47.53, 43.39), "MART": (78.21, 50.23, 43.96), "NAMID-M": (78.38, 51.69, 44.42)}
 FIGURES = {"training_curves.png": "clean and PGD accuracy per epoch of every defense (mean over seeds, band: +- 1 std)",
@@ -45,21 +47,25 @@ def format_cell(stats) -> str:
 def comparison(config: dict, tasks: list) -> dict:
     """Per defense and column, the statistics over seeds of the evaluation's accuracies."""
     evals = [task for task in tasks if task.kind == "eval"]
-    columns, per_defense, warnings, test_images = [], {}, [], set()
+    columns, per_defense, test_images = [], {}, set()
     for task in evals:
         results = _read_json(task.run_dir / "results.json")
         for column in results["columns"]:
             if (column["key"], column["header"]) not in columns:
                 columns.append((column["key"], column["header"]))
         per_defense.setdefault(task.defense, {})[task.seed] = row_accuracies(results["models"][0])
-        warnings += [f"seed {task.seed}: {line}" for line in results.get("warnings", [])]
         test_images.add(results["test_images"])
     cells = {}
     for defense in config["defenses"]:
         seeds = per_defense.get(defense, {})
         cells[defense] = {key: cell_stats([seeds[s][key] for s in sorted(seeds) if key in seeds[s]])
                           for key, _ in columns if any(key in row for row in seeds.values())}
-    return {"columns": columns, "cells": cells, "warnings": warnings, "test_images": sorted(test_images)}
+    return {"columns": columns, "cells": cells, "test_images": sorted(test_images)}
+
+
+def stage_warnings(tasks: list) -> list:
+    """Every stage's warnings (training, estimators, evaluation), in plan order, with the stage that raised them."""
+    return [{"stage": task.name, "message": message} for task in tasks for message in read_warnings(task.run_dir)]
 
 
 def comparison_markdown(config: dict, table: dict) -> str:
@@ -154,9 +160,11 @@ def paper_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> str:
-    """results.md/.csv/.json and the figures in `out`; returns the markdown table."""
+def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> dict:
+    """results.md/.csv/.json and the figures in `out`; returns what the closing summary prints: the caption,
+    the markdown table and every stage's warnings."""
     table = comparison(config, tasks)
+    warnings = stage_warnings(tasks)
     dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
     seeds = ("seed " if len(config["seeds"]) == 1 else "seeds ") + ", ".join(map(str, config["seeds"]))
     markdown_table = comparison_markdown(config, table)
@@ -177,8 +185,10 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         written.append("robust_vs_epsilon.png")
     images = " / ".join(map(str, table["test_images"]))
     total = sum(value or 0 for value in stage_seconds.values())
-    lines = [f"# {config['preset']}: robust accuracy (%) on {dataset or 'the test set'}, mean ± std over "
-             f"{len(config['seeds'])} seed(s)", "", markdown_table,
+    caption = (f"{config['preset']}: robust accuracy (%) on {dataset or 'the test set'}, "
+               + (f"mean ± std over {len(config['seeds'])} seeds ({seeds})" if len(config["seeds"]) > 1
+                  else f"a single run ({seeds}; no spread across seeds)") + f", {images} test images per seed")
+    lines = [f"# {caption}", "", markdown_table,
              f"{seeds.capitalize()}: each seed trains every stage anew and is evaluated on its own {images} test images "
              f"(class-balanced subset when eval.test-limit is set). A cell is the mean ± the sample standard "
              f"deviation over seeds of the per-seed accuracy; the worst-case columns count an example only if it "
@@ -190,13 +200,13 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              "## The paper's Table 1 (CIFAR-10, ResNet-18), for orientation", "", paper_markdown(),
              "## Figures", ""]
     lines += [f"- `{name}`: {FIGURES[name]}" for name in written] or ["none"]
-    lines += ["", "## Warnings from the evaluations", ""]
-    lines += [f"- {line}" for line in table["warnings"]] or ["none"]
+    lines += ["", "## Warnings (every stage)", ""]
+    lines += [f"- `{w['stage']}`: {w['message']}" for w in warnings] or ["none"]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "results.csv", comparison_csv(config, table))
     atomic_write_json(out / "results.json", {
         "preset": config["preset"], "config": config, "columns": [{"key": k, "header": h} for k, h in table["columns"]],
-        "cells": table["cells"], "test_images": table["test_images"], "warnings": table["warnings"],
+        "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds, "invocation": invocation})
-    return markdown_table
+    return {"caption": caption, "table": markdown_table, "warnings": warnings}

@@ -26,6 +26,7 @@ from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write
 from utils import distributed
 from utils.data import load_splits, make_loader
 from utils.errors import UserError
+from utils.run_warnings import RunWarnings
 from utils.runtime import (attack_generator, autocast, capture_rng_state, git_commit, package_versions,
                            restore_rng_state, seed_everything)
 
@@ -472,14 +473,18 @@ def load_splits_rank_zero_first(args):
     return splits_from_args(args)
 
 
-def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None):
+def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None,
+                       warnings: RunWarnings = None):
     """Train a fresh target model with adversarial training; make_step(model, schedule, generator)
-    returns the per-batch step function of train_epoch. Validation PGD accuracy selects best.pt."""
+    returns the per-batch step function of train_epoch. Validation PGD accuracy selects best.pt.
+    `warnings` (those raised before the run folder existed) are kept in it."""
     device = distributed.setup(args.device)
     batch_size = distributed.per_process_batch(args.batch_size)
     eval_batch_size = max(1, args.eval_batch_size // distributed.world_size())
     shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     run_dir = RunDirectory(args.model_dir, resume=args.resume)
+    if distributed.is_main():
+        (warnings or RunWarnings()).keep_in(run_dir.path)
     seed_everything(args.seed)
     splits = load_splits_rank_zero_first(args)
     spec = model_spec_from_args(args, splits.info)
