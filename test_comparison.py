@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits, make_loader
 from utils.errors import UserError, run_main
@@ -43,14 +43,16 @@ def build_parser():
                                         "(Table 1 layout), written to results.json / .csv / .md.")
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
-                       help="best.pt / last.pt files of any stage, all of one dataset; a row each")
+                       help="best.pt / last.pt files of any stage, or run folders (their best.pt), all of one "
+                            "dataset; a row each")
     group.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                        help="row labels, one per checkpoint (default: the defense, e.g. 'Standard AT', 'NAMID-T')")
     group.add_argument("--attacks", nargs="+", choices=ATTACK_NAMES, default=None, metavar="ATTACK",
                        help=f"any of: {', '.join(ATTACK_NAMES)} (default: every white-box attack, "
                             f"plus transfer when --surrogate is given)")
     group.add_argument("--surrogate", default=None, metavar="CHECKPOINT",
-                       help="checkpoint the transfer attack crafts its adversarials on (paper: VGG-19 with Standard AT)")
+                       help="checkpoint (or run folder) the transfer attack crafts its adversarials on (paper: VGG-19 "
+                            "with Standard AT)")
     group.add_argument("--out-dir", default=None, help="where the results go (default checkpoints/comparison_<dataset>_seed<seed>)")
 
     group = parser.add_argument_group("data")
@@ -342,7 +344,11 @@ def main(argv=None):
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
         parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     started = time.perf_counter()
-    distributed.refuse_torchrun(Path(__file__).name)
+    script = Path(__file__).name
+    distributed.refuse_torchrun(script)
+    args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
+    if args.surrogate:
+        args.surrogate = checkpoint_in(args.surrogate, "best.pt", script)
     device = resolve_device(args.device)
 
     loaded = load_models(args.checkpoints, device)

@@ -15,7 +15,7 @@ from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model
 from utils.data import dataset_info
 from utils.errors import UserError, run_main
 from utils import distributed
-from utils.checkpoint import file_sha256
+from utils.checkpoint import checkpoint_in, file_sha256
 from utils.estimator_training import load_estimators
 from utils.losses import BASE_LOSSES, OBJECTIVES
 from utils.namid import MI_MODES, make_namid_step
@@ -34,7 +34,8 @@ PRESETS = {
 def build_parser():
     parser = ArgumentParser(description="Stage 3: NAMID training of a fresh target model with frozen MI estimators.")
     group = parser.add_argument_group("NAMID (paper: alpha 5, lambda 0.1)")
-    group.add_argument("--estimators", required=True, help="stage-2 estimators.pt (train_MI_estimator*.py)")
+    group.add_argument("--estimators", required=True,
+                       help="stage-2 estimators.pt, or the run folder holding it (train_MI_estimator*.py)")
     group.add_argument("--base-loss", choices=BASE_LOSSES, default="at",
                        help="at: NAMID; trades: NAMID-T; mart: NAMID-M")
     group.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term of TRADES / MART")
@@ -103,6 +104,7 @@ def resolve_args(args, estimator_checkpoint):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.estimators = checkpoint_in(args.estimators, "estimators.pt", Path(__file__).name)
     # On this process's own device: cuda:LOCAL_RANK under torchrun, where train_target_model puts the target.
     estimators, checkpoint = load_estimators(args.estimators, distributed.process_device(args.device))
     resolve_args(args, checkpoint)

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,6 +60,18 @@ def atomic_write_text(path, text: str):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_in(path, name: str, script: str) -> str:
+    """`path` itself when it is not a folder; for a run folder, the checkpoint `name` it holds (best.pt,
+    estimators.pt), saying so on stderr, so that a run folder can be given wherever a checkpoint is."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return str(path)
+    if not (folder / name).is_file():
+        raise UserError(f"{path} is a folder without {name}: give a checkpoint file or a run folder that holds {name}")
+    print(f"{script}: {path} is a run folder: using its {name}", file=sys.stderr)
+    return str(folder / name)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from models.estimators import build_estimators
 from utils.attacks import PGDConfig, pgd_attack
 from utils import distributed
-from utils.checkpoint import atomic_write_json, file_sha256, load_checkpoint, load_state_dict_checked
+from utils.checkpoint import atomic_write_json, checkpoint_in, file_sha256, load_checkpoint, load_state_dict_checked
 from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, positive_int, positive_number,
                        resolve_dataset_defaults)
 from utils.data import make_loader
@@ -34,7 +34,8 @@ SELECT_KEY = "val_mi_selection"  # maximised_estimates(): what estimators.pt is 
 def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
     """Every stage-2 option except the objective: estimators, optimiser, data, threat model, runtime."""
     group = parser.add_argument_group("MI estimators (published code: Adam, lr 1e-2, divided by 10 at 40% and 80%)")
-    group.add_argument("--target-model", required=True, help="stage-1 checkpoint (best.pt) of the frozen target")
+    group.add_argument("--target-model", required=True,
+                       help="stage-1 checkpoint (best.pt), or its run folder, of the frozen target")
     group.add_argument("--hsize", type=positive_int, default=None,
                        help="feature size of the local/global encodings (default 2048, the paper's; 256 on MNIST-like data)")
     group.add_argument("--mi-measure", choices=MI_MEASURES, default="dv", help="Donsker-Varadhan, Jensen-Shannon or InfoNCE")
@@ -281,6 +282,7 @@ def report_only(args, target, objective, objective_name, device):
 def train_estimators(args, argv, script: str, objective, objective_name: str):
     """The whole of stage 2 for one objective(q, logits_nat, logits_adv, y) -> loss."""
     distributed.refuse_torchrun(script)
+    args.target_model = checkpoint_in(args.target_model, "best.pt", script)
     device = resolve_device(args.device)
     target, target_checkpoint = load_frozen_target(args.target_model, device)
     resolve_against_target(args, target_checkpoint)
