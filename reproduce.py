@@ -43,9 +43,10 @@ def build_parser():
     group.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None, help="default: the preset's")
     group.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
                        help=f"default: the preset's; any of {', '.join(DEFENSES)}")
-    group.add_argument("--epsilons", type=positive_number, nargs="*", default=None,
+    group.add_argument("--epsilons", type=budget_as_written, nargs="*", default=None,
                        help="L-inf budgets of the robust-accuracy-against-epsilon curve (none: no curve)")
-    group.add_argument("--curve-steps", type=positive_int, default=None, help="PGD steps of that curve")
+    group.add_argument("--curve-steps", type=positive_int, default=None,
+                       help="PGD steps of that curve (default: the table's, eval.pgd-steps, so that both agree)")
     group = parser.add_argument_group("runtime")
     group.add_argument("--out", default=None, help="study folder (default checkpoints/reproduce_<preset>)")
     group.add_argument("--jobs", type=positive_int, default=None,
@@ -55,6 +56,20 @@ def build_parser():
     group.add_argument("--tensorboard", action="store_true", help="every stage also logs to <its folder>/tensorboard")
     group.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the plan; run nothing")
     return parser
+
+
+def previous_invocation(out: Path):
+    """The invocation recorded in an earlier results.json of the study folder, if any."""
+    try:
+        return json.loads((out / "results.json").read_text())["invocation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def budget_as_written(text: str) -> str:
+    """A positive budget, kept as the user wrote it (2/255 names its folder curve-eps2-255)."""
+    positive_number(text)
+    return text.strip()
 
 
 def describe_plan(tasks) -> str:
@@ -85,13 +100,15 @@ def main(argv=None):
     atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
     started = time.perf_counter()
     try:
-        execute(tasks, config["jobs"], out / "logs")
+        ran = execute(tasks, config["jobs"], out / "logs")
     except KeyboardInterrupt:
         print("reproduce.py: interrupted; run the same command again to finish the study (finished stages are "
               "skipped, the interrupted one resumes)", file=sys.stderr)
         sys.exit(130)
     invocation = {"command": shlex.join(["reproduce.py", *argv]), "seconds": round(time.perf_counter() - started, 1),
                   "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})"}
+    if not ran:  # every stage was already done: the invocation that did the work stays the one on record
+        invocation = previous_invocation(out) or invocation
     from utils.study import write_study  # matplotlib only once everything has run
     summary = write_study(config, tasks, out, recorded_seconds(tasks), invocation)
     print(summary["caption"])

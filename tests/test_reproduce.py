@@ -189,11 +189,14 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
 def test_rerun_skips_completed_stages(tiny_study, fmnist_dir):
     out, _ = tiny_study
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".pt", ".json") and p.parent != out}
+    invocation = json.loads((out / "results.json").read_text())["invocation"]
     result = run_study(tiny_study_args(out, fmnist_dir))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("complete, skipped") == 7 and "running" not in result.stderr
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
+    # the invocation that did the work stays on record (not the re-run's few seconds)
+    assert json.loads((out / "results.json").read_text())["invocation"] == invocation and invocation["seconds"] > 20
 
 
 def test_changed_settings_never_overwrite_a_finished_stage(tiny_study, fmnist_dir):
@@ -223,3 +226,14 @@ def test_a_killed_stage_resumes_and_the_table_equals_an_uninterrupted_run(tiny_s
     first, second = (json.loads((folder / "results.json").read_text()) for folder in (reference, out))
     assert second["cells"] == first["cells"]
     assert second["robust_vs_epsilon"] == first["robust_vs_epsilon"]
+
+
+def test_the_curve_uses_the_tables_pgd_and_names_budgets_as_written():
+    _, tasks = plan()  # demo: the table's PGD-20
+    assert flag_value(tasks["seed0/curve-eps0.1"].argv, "--pgd-steps") == "20"
+    _, tasks = plan(["eval.pgd-steps=7"], epsilons=["2/255", "0.1"])
+    curve = tasks["seed0/curve-eps2-255"].argv
+    assert flag_value(curve, "--pgd-steps") == "7" and flag_value(curve, "--epsilon") == "2/255"
+    assert "seed0/curve-eps0.1" in tasks
+    _, tasks = plan(curve_steps=3)
+    assert flag_value(tasks["seed0/curve-eps0.1"].argv, "--pgd-steps") == "3"

@@ -115,6 +115,7 @@ def test_missing_dataset_gives_one_line(tmp_path):
     result = run_script(SCRIPT, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--model-dir",
                          str(tmp_path / "run"), "--device", "cpu"], timeout=600)
     assert_one_line_error(result, str(tmp_path / "nowhere"))
+    assert not (tmp_path / "run").exists(), "a run that failed before training left its folder behind"
 
 
 def test_unwritable_model_dir(fmnist_dir, tmp_path):

@@ -169,7 +169,8 @@ def held_out_row(values, prefix="val") -> dict:
     """The selection criterion and its parts, the four MI means over all held-out samples and over the
     selected set X', its size and the objective."""
     row = {f"{prefix}_{key}": value for key, value in maximised_estimates(values).items()}
-    row.update({f"{prefix}_objective": values["objective"], f"{prefix}_selected": int(values["selected"].sum())})
+    row.update({f"{prefix}_objective": values["objective"],
+                f"{prefix}_selected": float(values["selected"].float().mean())})  # a fraction, as train_selected
     selected = values["selected"].float()
     for name in QUANTITIES:
         row[f"{prefix}_{name}"] = float(values[name].mean())
@@ -295,23 +296,24 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
     if args.val_size == 0:
         raise UserError("stage 2 reports the MI on held-out data every epoch: --val-size must be > 0")
     run_dir = RunDirectory(args.model_dir, resume=args.resume, best_name=ESTIMATOR_FILE)
-    warnings = RunWarnings()
-    warnings.keep_in(run_dir.path)
-    seed_everything(args.seed)
-    splits = splits_from_args(args)
-    spec = estimator_spec(args, splits.info)
-    estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"]).to(device)
-    optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr)
-    generator = attack_generator(args.seed, device)
-    attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
-    metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
-                "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": args.target_sha256,
-                "attack": vars(attack)}
-    run = TrainingRun(run_dir, args, STAGE, estimators, optimizer, generator, model_spec=spec,
-                      select_key=SELECT_KEY, select_mode="max", model_key="estimators",
-                      spec_key="estimator_spec", metadata=metadata)
-    if not args.resume:
-        run_dir.write_config(args, STAGE, script, argv, {**metadata, "estimator_spec": spec})
+    with run_dir.removed_if_setup_fails():
+        warnings = RunWarnings()
+        warnings.keep_in(run_dir.path)
+        seed_everything(args.seed)
+        splits = splits_from_args(args)
+        spec = estimator_spec(args, splits.info)
+        estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"]).to(device)
+        optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr)
+        generator = attack_generator(args.seed, device)
+        attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
+        metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
+                    "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": args.target_sha256,
+                    "attack": vars(attack)}
+        run = TrainingRun(run_dir, args, STAGE, estimators, optimizer, generator, model_spec=spec,
+                          select_key=SELECT_KEY, select_mode="max", model_key="estimators",
+                          spec_key="estimator_spec", metadata=metadata)
+        if not args.resume:
+            run_dir.write_config(args, STAGE, script, argv, {**metadata, "estimator_spec": spec})
 
     def run_epoch(epoch):
         loader = make_loader(splits.train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,

@@ -420,7 +420,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
             if output.unthresholded is not None:
                 unthresholded.append((predictions(model, output.unthresholded.clamp(0, 1), device, amp)[0] == y).cpu())
             done = torch.cat(robust)
-            bar.set_postfix(acc=f"{done.float().mean().item():.3f}")
+            bar.set_postfix(acc=f"{done.float().mean().item():.3f}", refresh=False)
     seconds = time.perf_counter() - started
     side_effects = snapshot.problems(model)
     if side_effects:

@@ -154,6 +154,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     for key, value in runner.items():
         if value is not None:
             config[key] = value
+    if config.get("curve_steps") is None:  # the table's PGD, so that the curve and the table agree at equal budgets
+        config["curve_steps"] = int(config["eval"].get("pgd-steps", stage_parsers()["eval"].get_default("pgd_steps")))
     config["defenses"], config["seeds"] = list(dict.fromkeys(config["defenses"])), list(dict.fromkeys(config["seeds"]))
     unknown = [name for name in config["defenses"] if name not in DEFENSES]
     if unknown:
@@ -192,7 +194,8 @@ def flag_tokens(section_flags: dict, switches: dict) -> list:
 
 
 def epsilon_name(epsilon) -> str:
-    return f"{number(str(epsilon)):.6g}"
+    """A budget as the user wrote it, fit for a folder name: 2/255 -> 2-255, 0.1 -> 0.1."""
+    return str(epsilon).strip().replace("/", "-")
 
 
 # ----------------------------------------------------------------------------------------------

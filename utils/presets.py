@@ -35,7 +35,6 @@ def _paper_like(dataset, epsilons, description, **sections):
         "seeds": [0, 1, 2],
         "defenses": list(ALL_DEFENSES),
         "epsilons": epsilons,
-        "curve_steps": 20,
         "jobs": 1,
         "common": {"dataset": dataset},
         "standard": {},
@@ -92,7 +91,7 @@ PRESETS = {
         "About 10 minutes on 2 CPU cores: every defense, one seed, on 2000 Fashion-MNIST training images "
         "(4 epochs) and 500 test images, under PGD-20 (L-inf and L2). Shows the whole pipeline working; its "
         "numbers are far from converged.",
-        seeds=[0], jobs=2, curve_steps=10, surrogate=None,
+        seeds=[0], jobs=2, surrogate=None,
         common={"dataset": "fashion-mnist", "train-limit": 2000, "val-size": 500, "test-limit": 500, "batch-size": 64},
         standard={"epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10, **MNIST_LIKE_TRAINING},
         estimators={"estimator-loss": "reference", "epochs": 2},

@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import socket
 import tempfile
 import time
@@ -78,6 +79,7 @@ class RunDirectory:
     def __init__(self, path, resume: bool, best_name: str = "best.pt"):
         self.path = Path(path)
         self.best = self.path / best_name
+        self.created = not self.path.exists()  # by this run: then a failure before training removes it
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.path, prefix=".write-test-")
@@ -89,6 +91,17 @@ class RunDirectory:
             raise UserError(f"--resume: there is no {self.last} to continue from")
         if not resume and (self.last.is_file() or self.best.is_file()):
             raise UserError(f"{self.path} already holds a run; pass --resume to continue it or choose another --model-dir")
+
+    @contextmanager
+    def removed_if_setup_fails(self):
+        """Until training starts, a failure (missing data, a mismatch found late) removes the folder if this
+        run created it and no checkpoint is in it yet: a failed start leaves nothing behind."""
+        try:
+            yield
+        except BaseException:
+            if self.created and not self.last.exists() and distributed.is_main():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     last = property(lambda self: self.path / "last.pt")
     config = property(lambda self: self.path / "config.json")
@@ -328,8 +341,10 @@ def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: 
             sums["adv_count"] += n
         for key, value in {"train_loss": loss.detach(), **extras}.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
+        # refresh=False: the bar is drawn by its own update, after this batch is counted (not "0/8" with new values)
         bar.set_postfix(loss=f"{sums['train_loss'] / sums['count']:.3f}", clean=f"{sums['clean_correct'] / sums['count']:.3f}",
-                        adv=f"{sums['adv_correct'] / sums['adv_count']:.3f}" if sums["adv_count"] else "-")
+                        adv=f"{sums['adv_correct'] / sums['adv_count']:.3f}" if sums["adv_count"] else "-",
+                        refresh=False)
     sums = distributed.sum_across_processes(sums, device)
     count = max(sums.pop("count"), 1)
     clean_correct, adv_correct, adv_count = sums.pop("clean_correct"), sums.pop("adv_correct"), sums.pop("adv_count")
@@ -432,7 +447,8 @@ def evaluate(model, loader, attack: PGDConfig, device, seed: int, amp=False, des
             with torch.no_grad(), frozen_eval(model):
                 sums["robust"] += (model(x_adv).argmax(1) == y).sum().item()
         sums["count"] += y.shape[0]
-        bar.set_postfix(clean=f"{sums['clean'] / sums['count']:.3f}", pgd=f"{sums['robust'] / sums['count']:.3f}")
+        bar.set_postfix(clean=f"{sums['clean'] / sums['count']:.3f}", pgd=f"{sums['robust'] / sums['count']:.3f}",
+                        refresh=False)
     sums = distributed.sum_across_processes(sums, device)
     if sums["count"] == 0:
         return {"clean_acc": float("nan"), "pgd_acc": float("nan")}
@@ -483,26 +499,28 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
     eval_batch_size = max(1, args.eval_batch_size // distributed.world_size())
     shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     run_dir = RunDirectory(args.model_dir, resume=args.resume)
-    if distributed.is_main():
-        (warnings or RunWarnings()).keep_in(run_dir.path)
-    seed_everything(args.seed)
-    splits = load_splits_rank_zero_first(args)
-    spec = model_spec_from_args(args, splits.info)
-    model = model_from_spec(spec).to(device)
-    trained = distributed.wrap(model, device)  # DistributedDataParallel under torchrun; broadcasts rank 0's init
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    generator = attack_generator(args.seed, device)
-    if not distributed.is_main():
-        seed_process(args.seed, 0, generator)
-    train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
-    eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
+    with run_dir.removed_if_setup_fails():
+        if distributed.is_main():
+            (warnings or RunWarnings()).keep_in(run_dir.path)
+        seed_everything(args.seed)
+        splits = load_splits_rank_zero_first(args)
+        spec = model_spec_from_args(args, splits.info)
+        model = model_from_spec(spec).to(device)
+        trained = distributed.wrap(model, device)  # DistributedDataParallel under torchrun; broadcasts rank 0's init
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        generator = attack_generator(args.seed, device)
+        if not distributed.is_main():
+            seed_process(args.seed, 0, generator)
+        train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
+        eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
 
-    run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata,
-                      selects=len(splits.val) > 0)
-    if not args.resume and distributed.is_main():
-        run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
-                                                         "eval_attack": vars(eval_attack), "processes": distributed.world_size(),
-                                                         **(metadata or {})})
+        run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata,
+                          selects=len(splits.val) > 0)
+        if not args.resume and distributed.is_main():
+            run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
+                                                             "eval_attack": vars(eval_attack),
+                                                             "processes": distributed.world_size(), **(metadata or {})})
 
     def run_epoch(epoch):
         loader = make_loader(splits.train, batch_size, shuffle=True, workers=args.workers, seed=args.seed,
