@@ -25,7 +25,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_json, file_sha256
-from utils.cli import number
 from utils.errors import UserError
 from utils.presets import ALL_DEFENSES, PRESETS
 
