@@ -44,7 +44,8 @@ def build_parser():
     group.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
                        help=f"default: the preset's; any of {', '.join(DEFENSES)}")
     group.add_argument("--epsilons", type=budget_as_written, nargs="*", default=None,
-                       help="L-inf budgets of the robust-accuracy-against-epsilon curve (none: no curve)")
+                       help="L-inf budgets of the robust-accuracy-against-epsilon curve (default: the preset's; the flag "
+                            "alone: no curve)")
     group.add_argument("--curve-steps", type=positive_int, default=None,
                        help="PGD steps of that curve (default: the table's, eval.pgd-steps, so that both agree)")
     group = parser.add_argument_group("runtime")

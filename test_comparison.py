@@ -52,7 +52,7 @@ def build_parser():
                             f"plus transfer when --surrogate is given)")
     group.add_argument("--surrogate", default=None, metavar="CHECKPOINT",
                        help="checkpoint (or run folder) the transfer attack crafts its adversarials on (paper: VGG-19 "
-                            "with Standard AT)")
+                            "with Standard AT; default: none, no transfer attack)")
     group.add_argument("--out-dir", default=None, help="where the results go (default checkpoints/comparison_<dataset>_seed<seed>)")
 
     group = parser.add_argument_group("data")

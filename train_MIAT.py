@@ -51,12 +51,11 @@ def build_parser():
                             "PGD-40, lambda 0, 2 warm-up epochs, --bn-stats mixed)")
     group.add_argument("--allow-arch-mismatch", action="store_true",
                        help="train another architecture than the one whose logits the estimators were trained on")
-    add_data_args(parser)
+    add_data_args(parser, dataset_from="the estimators'")
     add_model_args(parser)
     add_optimizer_args(parser)
     add_attack_args(parser)
     add_runtime_args(parser, "checkpoints/namid_<mi-mode>_<dataset>_<arch>_<base-loss>_<norm>_seed<seed>")
-    parser.set_defaults(dataset=None)  # the estimators'
     return parser
 
 

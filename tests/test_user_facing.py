@@ -1,6 +1,8 @@
-"""Warnings (printed when raised, kept in the run folder, gathered by the study with their stage), and run
-folders accepted wherever a checkpoint file is expected: what a new user meets."""
+"""What a new user meets: warnings (printed when raised, kept in the run folder, gathered by the study with
+their stage), run folders accepted wherever a checkpoint file is expected, and --help showing defaults."""
 import json
+
+import pytest
 
 from utils.pipeline import Task
 from utils.run_warnings import WARNINGS_FILE, RunWarnings, read_warnings
@@ -80,3 +82,22 @@ def test_a_run_folder_stands_for_its_checkpoint(tiny_target, tiny_estimators, fm
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert f"{run} is a run folder: using its estimators.pt" in result.stderr
     assert "trained on fashion-mnist, not --dataset mnist" in result.stderr  # it read the estimators inside
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help
+
+@pytest.mark.parametrize("script", ["train_standard", "train_MI_estimator", "train_MI_estimator_only_max", "train_MIAT",
+                                    "test_comparison", "reproduce"])
+def test_help_shows_every_options_effective_default(script):
+    """Every option that takes a value says its default in --help (switches and required options aside)."""
+    import importlib
+    parser = importlib.import_module(script).build_parser()
+    formatter = parser._get_formatter()
+    missing = []
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0 or action.required:
+            continue
+        if "default" not in formatter._format_action(action).lower():
+            missing.append(action.option_strings[0])
+    assert not missing, f"{script} --help shows no default for {missing}"

@@ -1,5 +1,6 @@
 """The command-line groups every stage script shares: same flag names, same parsing, same defaults."""
 import argparse
+import copy
 import sys
 from fractions import Fraction
 
@@ -22,8 +23,38 @@ DATASET_DEFAULTS = {name: (MNIST_LIKE_DEFAULTS if name in ("mnist", "fashion-mni
                     for name in DATASETS}
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default; options
+    whose default depends on other flags (None here) must say it in their help."""
+
+    @staticmethod
+    def _default_text(action):
+        """The default to show, or None when the help already says it or there is none to show."""
+        if (not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS)
+                or "default" in (action.help or "").lower()):
+            return None
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return str(default).replace("%", "%%")
+
+    def _get_help_string(self, action):
+        default = self._default_text(action)
+        return action.help if default is None else f"{action.help} (default: {default})"
+
+    def _format_action(self, action):
+        default = self._default_text(action)
+        if not action.help and default is not None:  # argparse prints no help line for an option without help
+            action = copy.copy(action)
+            action.help = f"default: {default}"
+        return super()._format_action(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as a single line on stderr (exit status 2)."""
+    """argparse that reports a bad argument as a single line on stderr (exit status 2) and shows every
+    option's effective default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -70,14 +101,20 @@ def nonnegative_int(text: str) -> int:
     return _integer(text, 0)
 
 
-def add_data_args(parser):
+def add_data_args(parser, dataset_from: str = None):
+    """dataset_from: whose dataset a stage takes when --dataset is not given (stage 2: "the target's")."""
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    if dataset_from:
+        group.add_argument("--dataset", default=None, choices=sorted(DATASETS), help=f"default: {dataset_from}")
+    else:
+        group.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     group.add_argument("--data-dir", default="data", help="where datasets live, in torchvision's layout")
     group.add_argument("--val-size", type=nonnegative_int, default=1000,
                        help="validation images carved from the training set (they select checkpoints)")
-    group.add_argument("--train-limit", type=positive_int, default=None, help="class-balanced training subset")
-    group.add_argument("--test-limit", type=positive_int, default=None, help="class-balanced test subset")
+    group.add_argument("--train-limit", type=positive_int, default=None,
+                       help="class-balanced training subset of this size (default: the whole training set)")
+    group.add_argument("--test-limit", type=positive_int, default=None,
+                       help="class-balanced test subset of this size (default: the whole test set)")
     group.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
     return group
 

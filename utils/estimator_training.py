@@ -47,10 +47,9 @@ def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
     group.add_argument("--lr-gamma", type=positive_number, default=0.1)
     group.add_argument("--report-only", action="store_true",
                        help="no training: rewrite mi_report.json and the plot from --model-dir's estimators.pt")
-    add_data_args(parser)
+    add_data_args(parser, dataset_from="the target's")
     add_threat_model_args(parser, "threat model of the attack on the target (default: the target's)")
     add_runtime_args(parser, model_dir_hint)
-    parser.set_defaults(dataset=None)  # the target's
 
 
 def resolve_against_target(args, target_checkpoint: dict):
