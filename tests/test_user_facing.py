@@ -101,3 +101,19 @@ def test_help_shows_every_options_effective_default(script):
         if "default" not in formatter._format_action(action).lower():
             missing.append(action.option_strings[0])
     assert not missing, f"{script} --help shows no default for {missing}"
+
+
+@pytest.mark.parametrize("script", ["train_standard.py", "train_MI_estimator.py", "train_MIAT.py", "test_comparison.py",
+                                    "reproduce.py"])
+def test_help_imports_nothing_heavy(script):
+    """--help answers in about the time of `import torch`: torchvision, matplotlib and the attack libraries are
+    imported where they are used (torchvision alone added 2-3 s)."""
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    heavy = imported & {"torchvision", "matplotlib", "advertorch", "torchattacks", "pyautoattack", "autoattack", "scipy"}
+    assert not heavy, f"{script} --help imports {sorted(heavy)}"

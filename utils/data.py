@@ -22,8 +22,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets, transforms
-from torchvision.datasets.utils import download_and_extract_archive
 
 from utils.errors import UserError
 
@@ -199,10 +197,14 @@ _SOURCES = {
         f"extract tiny-imagenet-200.zip ({TINY_IMAGENET_URL}) so that {{path}} holds wnids.txt, train/, val/"),
 }
 
-_TORCHVISION_CLASSES = {
-    "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "svhn": datasets.SVHN,
-    "mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-}
+# torchvision is imported where it is used: importing it costs seconds, which --help should not pay.
+_TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN", "mnist": "MNIST",
+                        "fashion-mnist": "FashionMNIST"}
+
+
+def _torchvision_class(name: str):
+    from torchvision import datasets
+    return getattr(datasets, _TORCHVISION_CLASSES[name])
 
 
 def _files_present(source: _Source, data_dir: Path) -> bool:
@@ -262,10 +264,11 @@ def _download_into(name: str, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as staging:
         if name == "tiny-imagenet":
+            from torchvision.datasets.utils import download_and_extract_archive
             download_and_extract_archive(TINY_IMAGENET_URL, download_root=staging, remove_finished=True)
         else:
             for train in (True, False):
-                _TORCHVISION_CLASSES[name](staging, download=True, **_split_kwargs(name, train))
+                _torchvision_class(name)(staging, download=True, **_split_kwargs(name, train))
         _move_tree_into(Path(staging), data_dir)
 
 
@@ -303,7 +306,7 @@ def _split_kwargs(name: str, train: bool) -> dict:
 
 def _read_torchvision(name: str, data_dir: Path, train: bool):
     """One split through torchvision (transform=None, so it yields PIL images), never downloading."""
-    return _TORCHVISION_CLASSES[name](str(data_dir), download=False, **_split_kwargs(name, train))
+    return _torchvision_class(name)(str(data_dir), download=False, **_split_kwargs(name, train))
 
 
 def _read_in_memory(name: str, data_dir: Path, train: bool) -> InMemoryImages:
@@ -316,6 +319,7 @@ def _read_tiny_imagenet(data_dir: Path, train: bool):
     """Tiny ImageNet's train split (ImageFolder) or its labelled val split, which serves as the test set."""
     folder = data_dir / _SOURCES["tiny-imagenet"].folder
     wnids = sorted(set((folder / "wnids.txt").read_text().split()))
+    from torchvision import datasets
     train_set = datasets.ImageFolder(str(folder / "train"))
     if train_set.classes != wnids:
         raise UserError(f"{folder / 'train'} holds classes that differ from {folder / 'wnids.txt'}")
@@ -425,6 +429,7 @@ def _train_transform(name: str, augment: bool):
     """The training transform: the dataset's augmentation (if any and wanted), then ToTensor."""
     if name in ("mnist", "fashion-mnist"):
         return None  # InMemoryImages already yields tensors, and digits/clothes get no augmentation
+    from torchvision import transforms
     steps = []
     if augment and name in ("cifar10", "cifar100"):
         steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
@@ -437,7 +442,10 @@ def _train_transform(name: str, augment: bool):
 
 def _eval_transform(name: str):
     """The transform for val and test: ToTensor only (none for in-memory data)."""
-    return None if name in ("mnist", "fashion-mnist") else transforms.ToTensor()
+    if name in ("mnist", "fashion-mnist"):
+        return None
+    from torchvision import transforms
+    return transforms.ToTensor()
 
 
 def _check_sizes(val_size: int, train_limit: int | None, test_limit: int | None) -> None:
