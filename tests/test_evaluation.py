@@ -24,7 +24,7 @@ from utils.advertorch_compat import advertorch_attacks, zero_gradients
 from utils.attacks import PGDConfig, pgd_attack
 from utils.data import dataset_info
 from utils.errors import run_main
-from utils.evaluation import (Attack, AttackOutput, ModelSnapshot, attack_seed, build_attacks, isolated_rng,
+from utils.evaluation import (Attack, AttackOutput, AttackResult, ModelSnapshot, attack_seed, build_attacks, isolated_rng,
                               markdown_table, run_attack, run_transfer, sanity_warnings, table_columns,
                               threshold_minimum_norm, worst_case)
 
@@ -199,6 +199,29 @@ def test_transfer_crafts_on_the_surrogate_and_checks_the_budget(trained_small_cn
     white_box = accuracy(other, pgd_attack(other, x, y, PGDConfig("linf", INFO.epsilon_linf, INFO.epsilon_linf / 4, 10),
                                            torch.Generator().manual_seed(seed)), y)
     assert results[1].accuracy > white_box, (results[1].accuracy, white_box)
+
+
+def test_autoattack_shows_its_progress_and_reports_its_own_warnings(trained_small_cnn, fmnist_batches, capsys,
+                                                                     monkeypatch):
+    """AutoAttack can run for many minutes on one batch: each of its attacks and the robust accuracy after it
+    reach the terminal, and a warning of its own checks reaches the evaluation's warnings."""
+    import importlib
+    from utils import evaluation
+    _, _, x, y = fmnist_batches
+    attack = attacks_by_name("--epsilon", "0.2", names=("aa",))["aa"]  # APGD-CE breaks every image at 0.2
+    result = run_attack(trained_small_cnn, attack, loader_of(x[:8], y[:8], 8), torch.device("cpu"), False, 0, desc="aa")
+    err = capsys.readouterr().err
+    assert "AA: running apgd-ce" in err and "AA: robust accuracy after APGD-CE: 0.00%" in err, err
+    assert result.notes == []
+    checks = importlib.import_module(evaluation.autoattack_module() + ".checks")
+    def randomized(*args, logger=None, **kwargs):  # as AutoAttack's check does on a randomized model
+        logger.warning("it seems to be a randomized defense!")
+    monkeypatch.setattr(checks, "check_randomized", randomized)
+    result = run_attack(trained_small_cnn, attack, loader_of(x[:8], y[:8], 8), torch.device("cpu"), False, 0, desc="aa")
+    assert result.notes == ["AutoAttack warns: it seems to be a randomized defense!"]
+    clean = AttackResult(torch.ones(8, dtype=torch.bool), 0.0)
+    assert "M: AA: AutoAttack warns: it seems to be a randomized defense!" in sanity_warnings("M", clean, {"aa": result},
+                                                                                               {"aa": attack})
 
 
 def test_autoattack_runs_the_standard_version_exactly(trained_small_cnn, fmnist_batches, monkeypatch):

@@ -9,8 +9,10 @@ only when it is classified correctly clean and survives every attack of that thr
 """
 import importlib
 import inspect
+import logging
 import math
 import random
+import sys
 import time
 import warnings
 import zlib
@@ -70,6 +72,7 @@ class AttackOutput:
     x_adv: torch.Tensor
     unthresholded: Optional[torch.Tensor] = None  # a minimum-norm attack's result before thresholding
     plan: Optional[torch.Tensor] = None           # FWA's transport plan (its image is x_adv)
+    notes: list = field(default_factory=list)     # the attack library's own warnings (AutoAttack's checks)
 
 
 @dataclass
@@ -117,21 +120,53 @@ def autoattack_module() -> str:
     return _autoattack_class()[1]
 
 
+class _AutoAttackReport(logging.Handler):
+    """AutoAttack's own log while it runs: each of its attacks and the robust accuracy after it go to the
+    terminal (it can run for many minutes on one batch), and its checks' warnings are kept."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.warnings = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(f"AutoAttack warns: {message}")
+        elif message.startswith(("running ", "robust accuracy after ", "initial accuracy", "no robust datapoints")):
+            tqdm.write(f"  AA: {message}", file=sys.stderr)
+
+
+@contextmanager
+def _autoattack_log():
+    logger = logging.getLogger("auto-attack")
+    report, level, propagate = _AutoAttackReport(), logger.level, logger.propagate
+    logger.addHandler(report)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield report
+    finally:
+        logger.removeHandler(report)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _autoattack(epsilon: float, version: str, seed: int):
     """AutoAttack exactly as its authors run it (version 'standard': APGD-CE, APGD-T, FAB-T, Square;
-    100 iterations, 5000 queries); the two packagings differ only in argument names."""
+    100 iterations, 5000 queries); the two packagings differ only in argument names. Its progress
+    (attack by attack) is shown, and its own checks' warnings are reported with the results."""
     def craft(model, x, y, generator):
         cls, _ = _autoattack_class()
         kwargs = dict(norm="Linf", eps=epsilon, version=version, seed=seed, device=x.device)
-        if "verbose" in inspect.signature(cls).parameters:
-            kwargs["verbose"] = False
-        with frozen_eval(model):
+        if "verbose" in inspect.signature(cls).parameters:  # the official package prints its progress itself
+            kwargs["verbose"] = True
+        with frozen_eval(model), _autoattack_log() as report:
             adversary = cls(model, **kwargs)
             run = adversary.run_standard_evaluation
             size_name = "batch_size" if "batch_size" in inspect.signature(run).parameters else "bs"
             result = run(x, y, **{size_name: len(x)})
         x_adv = result[0] if isinstance(result, tuple) else result
-        return AttackOutput(x_adv.detach())
+        return AttackOutput(x_adv.detach(), notes=report.warnings)
     return craft
 
 
@@ -372,6 +407,7 @@ class AttackResult:
     nan_batches: int = 0
     unthresholded_robust: Optional[torch.Tensor] = None
     side_effects: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -405,7 +441,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     check = _new_budget_check(attack)
-    robust, unthresholded, nan_batches = [], [], 0
+    robust, unthresholded, nan_batches, notes = [], [], 0, []
     started = time.perf_counter()
     with isolated_rng(seed, device):
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
@@ -414,6 +450,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
             with autocast(device, amp):
                 output = attack.craft(model, x, y, generator)
             check_batch_budget(attack, x, output, check)
+            notes += [note for note in output.notes if note not in notes]
             predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)
             robust.append((predicted == y).cpu())
             nan_batches += has_nan
@@ -426,7 +463,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
     if side_effects:
         snapshot.restore(model)
     return AttackResult(torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool), seconds, check, nan_batches,
-                        torch.cat(unthresholded) if unthresholded else None, side_effects)
+                        torch.cat(unthresholded) if unthresholded else None, side_effects, notes)
 
 
 def run_transfer(surrogate, targets: list, attack: Attack, loader, device, amp, seed: int) -> list:
@@ -498,6 +535,7 @@ def sanity_warnings(label: str, clean: AttackResult, results: dict, attacks: dic
             lines.append(f"{label}: NaN in the model's outputs under {column} ({result.nan_batches} batches)")
         if result.side_effects:
             lines.append(f"{label}: {column} left {' and '.join(result.side_effects)} behind; the model was restored")
+        lines += [f"{label}: {column}: {note}" for note in result.notes]
     transfer = results.get("transfer")
     white = {name: r for name, r in results.items() if name in WORST_CASE_GROUPS["linf"]}
     if transfer is not None and white:
