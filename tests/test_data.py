@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import torchvision.datasets.svhn
+import torchvision.datasets.utils
 
 from utils import data
 from utils.errors import UserError
@@ -251,7 +252,7 @@ def test_tiny_imagenet(fake_tiny_imagenet):
 
 
 def test_tiny_imagenet_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "download_and_extract_archive", _offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", _offline)
     with pytest.raises(UserError) as caught:
         data.load_splits("tiny-imagenet", tmp_path)
     assert "\n" not in str(caught.value) and str(tmp_path / "tiny-imagenet-200") in str(caught.value)

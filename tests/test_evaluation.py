@@ -24,9 +24,10 @@ from utils.advertorch_compat import advertorch_attacks, zero_gradients
 from utils.attacks import PGDConfig, pgd_attack
 from utils.data import dataset_info
 from utils.errors import run_main
-from utils.evaluation import (Attack, AttackOutput, AttackResult, ModelSnapshot, attack_seed, build_attacks, isolated_rng,
-                              markdown_table, run_attack, run_transfer, sanity_warnings, table_columns,
+from utils.evaluation import (Attack, AttackOutput, AttackResult, ModelSnapshot, attack_seed, build_attacks,
+                              isolated_rng, markdown_table, run_attack, run_transfer, sanity_warnings, table_columns,
                               threshold_minimum_norm, worst_case)
+from utils.run_warnings import read_warnings
 
 INFO = dataset_info("fashion-mnist")
 # Few steps, for the tests that check side effects rather than strength.
@@ -357,9 +358,10 @@ def test_end_to_end_on_two_checkpoints(tiny_target, trades_target, fmnist_dir, t
             "--pgd-steps", "5", "--pgd-l2-steps", "5", "--fwa-steps", "5", "--tidim-steps", "5", "--cw-steps", "5",
             "--ddn-steps", "5"]
     assert test_comparison.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json", "results.md", "warnings.json"]
 
     results = json.loads((out / "results.json").read_text())
+    assert read_warnings(out) == results["warnings"]  # the warnings the study gathers are the evaluation's own
     assert results["complete"] and results["dataset"] == "fashion-mnist" and results["test_images"] == 20
     assert results["seed"] == 0 and "torch" in results["versions"] and results["wall_seconds"] > 0
     assert results["attacks"]["cw"]["settings"]["thresholded"] and results["attacks"]["fwa"]["settings"]["radius"] == 0.1
