@@ -190,8 +190,10 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
                   else f"a single run ({seeds}; no spread across seeds)") + f", {images} test images per seed")
     lines = [f"# {caption}", "", markdown_table,
              f"{seeds.capitalize()}: each seed trains every stage anew and is evaluated on its own {images} test images "
-             f"(class-balanced subset when eval.test-limit is set). A cell is the mean ± the sample standard "
-             f"deviation over seeds of the per-seed accuracy; the worst-case columns count an example only if it "
+             f"(class-balanced subset when eval.test-limit is set). "
+             + ("A cell is the mean ± the sample standard deviation over seeds of the per-seed accuracy"
+                if len(config["seeds"]) > 1 else "A cell is that one run's accuracy, with no spread to show")
+             + "; the worst-case columns count an example only if it "
              f"is correct when clean and survives every attack of its threat model (test_comparison.py).",
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
