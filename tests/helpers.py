@@ -45,3 +45,24 @@ def assert_resume_is_bit_identical(main, args_for, tmp_path, weights_key="model"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop_time(read_metrics(straight)) == drop_time(read_metrics(resumed))
+
+
+def record_local_inputs(estimators):
+    """The input each estimator's local encoder receives, by estimator name."""
+    seen = {"natural": [], "adversarial": []}
+    for name in seen:
+        estimators[name].local.register_forward_hook(lambda m, inputs, output, name=name: seen[name].append(inputs[0]))
+    return seen
+
+
+def record_estimator_precision(estimators):
+    """(module, output dtype, whether CPU autocast was on) for every forward of every estimator module."""
+    seen = []
+    for module in estimators.modules():
+        module.register_forward_hook(
+            lambda m, i, o: seen.append((type(m).__name__, o.dtype, torch.is_autocast_enabled("cpu"))))
+    return seen
+
+
+def assert_all_float32_without_autocast(seen):
+    assert seen and all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen), set(seen)

@@ -7,7 +7,8 @@ import torch
 
 import train_MI_estimator
 import train_MI_estimator_only_max
-from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
+from tests.helpers import (assert_all_float32_without_autocast, assert_one_line_error, assert_resume_is_bit_identical,
+                           digest, read_metrics, record_estimator_precision, record_local_inputs, run_script)
 from utils.mi import QUANTITIES
 from utils.run_warnings import read_warnings
 from utils.training import load_model
@@ -95,12 +96,8 @@ def test_stage2_step_wiring_and_precision(trained_small_cnn, fmnist_batches):
     torch.manual_seed(0)
     estimators = build_estimators(1, 10, 16)
     attack = PGDConfig("linf", 0.1, 0.025, 3)
-    seen = {"natural": [], "adversarial": []}
-    for name in seen:
-        estimators[name].local.register_forward_hook(lambda m, i, o, name=name: seen[name].append(i[0]))
-    precision = []
-    for module in estimators.modules():
-        module.register_forward_hook(lambda m, i, o: precision.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+    seen = record_local_inputs(estimators)
+    precision = record_estimator_precision(estimators)
     objectives = []
     def objective(q, logits_nat, logits_adv, y):
         objectives.append((logits_nat, logits_adv))
@@ -112,7 +109,7 @@ def test_stage2_step_wiring_and_precision(trained_small_cnn, fmnist_batches):
     assert torch.equal(seen["natural"][0], x)
     pattern = seen["adversarial"][0]
     assert pattern.abs().max() <= 0.1 + 1e-6 and (pattern - (x_adv - x)).abs().mean() < 0.01, "E_a was not fed n = x~ - x"
-    assert precision and all(dtype == torch.float32 and not autocast for dtype, autocast in precision)
+    assert_all_float32_without_autocast(precision)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert torch.equal(objectives[0][0].argmax(1), logits_nat.argmax(1))
     assert torch.equal(objectives[0][1].argmax(1), logits_adv.argmax(1))

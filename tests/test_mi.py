@@ -250,20 +250,15 @@ def test_in_train_mode_the_global_head_normalises_both_logit_batches_together():
 def test_estimators_run_in_float32_under_bf16_autocast():
     """--amp may put the target and the attacks in bf16, never the estimators, scores or MI reductions
     (CPU bf16 autocast stands in for CUDA's here)."""
+    from tests.helpers import assert_all_float32_without_autocast, record_estimator_precision
     from utils.mi import local_encodings, mi_quantities
-    from models.estimators import MIEstimator
     estimators, x, x_adv, logits_nat, logits_adv = wiring_setup()
     reference = mi_quantities(estimators, *local_encodings(estimators, x, x_adv), logits_nat, logits_adv)
-    seen = []
-    hooks = [module.register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
-             for module in estimators.modules() if isinstance(module, (LocalEncoder, MIEstimator)) or
-             type(module).__name__ == "GlobalHead"]
+    seen = record_estimator_precision(estimators)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         local_nat, local_adv = local_encodings(estimators, x, x_adv)
         q = mi_quantities(estimators, local_nat, local_adv, logits_nat.bfloat16(), logits_adv.bfloat16())
-    for hook in hooks:
-        hook.remove()
-    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen), seen
+    assert_all_float32_without_autocast(seen)
     for name in q:
         assert q[name].dtype == torch.float32
         # the logits were rounded to bf16 on the way in; everything after that is float32

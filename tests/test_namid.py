@@ -12,7 +12,8 @@ import train_MIAT
 from models import build_model
 from models.estimators import build_estimators
 from tests.conftest import REPO
-from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
+from tests.helpers import (assert_all_float32_without_autocast, assert_one_line_error, assert_resume_is_bit_identical,
+                           digest, read_metrics, record_estimator_precision, record_local_inputs, run_script)
 from utils.attacks import PGDConfig
 from utils.losses import OBJECTIVES
 from utils.mi import mi_estimate
@@ -112,14 +113,6 @@ def spy_on_attack(monkeypatch, module):
     return crafted
 
 
-def record_local_inputs(estimators):
-    """The input each estimator's local encoder receives, by estimator name."""
-    seen = {"natural": [], "adversarial": []}
-    for name in seen:
-        estimators[name].local.register_forward_hook(lambda m, inputs, output, name=name: seen[name].append(inputs[0]))
-    return seen
-
-
 def test_wmim_maximises_the_mi_of_the_adversarial_image_with_its_logits(monkeypatch):
     import utils.namid as namid_module
     model, estimators, x, y = small_setup()
@@ -156,17 +149,15 @@ def test_step_feeds_the_image_to_the_natural_estimator_and_the_pattern_to_the_ad
 def test_step_runs_the_estimators_in_float32_under_bf16_autocast(monkeypatch):
     """--amp (CPU bf16 autocast stands in for CUDA's): the target may run in bf16, the estimators must not."""
     model, estimators, x, y = small_setup()
-    seen = []
-    for module in estimators.modules():
-        module.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, o.dtype, torch.is_autocast_enabled("cpu"))))
+    seen = record_estimator_precision(estimators)
     step = make_namid_step(model, estimators, OBJECTIVES["at"], lambda index: PGDConfig("linf", 0.1, 0.025, 2),
                            torch.Generator().manual_seed(0), beta=6.0, alpha=5.0, lam=0.1, measure="dv")
     y = model(x).argmax(1)  # correct when clean, so that X' is not empty
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logits_nat, _, extras = step(x, y, 0)
     assert logits_nat.dtype == torch.bfloat16, "the test needs the target itself to run under autocast"
-    assert extras["selected"].item() > 0 and seen
-    assert all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen), set(seen)
+    assert extras["selected"].item() > 0
+    assert_all_float32_without_autocast(seen)
     assert extras["mi_loss"].dtype == torch.float32
 
 

@@ -7,6 +7,7 @@ from fractions import Fraction
 from models import ARCHITECTURES
 from utils.attacks import NORMS
 from utils.data import DATASETS
+from utils.training import BN_POLICIES
 
 # Settings of the paper (docs/method.md section 2) for colour data; MNIST-like data trains a SmallCNN instead.
 # A flag left at None on the command line takes its value from the dataset's row here.
@@ -126,7 +127,7 @@ def add_model_args(parser):
     group.add_argument("--width", type=positive_int, default=64, help="first-stage channels of the ResNets")
     group.add_argument("--depth", type=positive_int, default=34, help="depth of --arch wideresnet")
     group.add_argument("--widen-factor", type=positive_int, default=10, help="widen factor of --arch wideresnet")
-    group.add_argument("--bn-stats", choices=("base", "mixed"), default=None,
+    group.add_argument("--bn-stats", choices=BN_POLICIES, default=None,
                        help="which training batches update BatchNorm running statistics. base (default): those the "
                             "base loss trains on (AT: adversarial only; TRADES/MART: clean and adversarial), so NAMID's "
                             "extra clean forward leaves them alone; mixed: clean and adversarial in every run (the "

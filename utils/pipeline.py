@@ -79,10 +79,10 @@ def stage_parsers() -> dict:
     return {stage: module.build_parser() for stage, module in modules.items()}
 
 
-def stage_flags() -> dict:
+def stage_flags(parsers: dict = None) -> dict:
     """Per stage script, its option names (without --) mapped to whether they are on/off switches."""
     flags = {}
-    for stage, parser in stage_parsers().items():
+    for stage, parser in (parsers or stage_parsers()).items():
         known = {}
         for action in parser._actions:
             for option in action.option_strings:
@@ -140,7 +140,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     final (the preset's common flags copied into each stage script that has them)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
-    flags = stage_flags()
+    parsers = stage_parsers()
+    flags = stage_flags(parsers)
     config = copy.deepcopy(PRESETS[preset])
     common = config.pop("common", {})
     for name, script in SECTIONS.items():
@@ -154,7 +155,7 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
         if value is not None:
             config[key] = value
     if config.get("curve_steps") is None:  # the table's PGD, so that the curve and the table agree at equal budgets
-        config["curve_steps"] = int(config["eval"].get("pgd-steps", stage_parsers()["eval"].get_default("pgd_steps")))
+        config["curve_steps"] = int(config["eval"].get("pgd-steps", parsers["eval"].get_default("pgd_steps")))
     config["defenses"], config["seeds"] = list(dict.fromkeys(config["defenses"])), list(dict.fromkeys(config["seeds"]))
     unknown = [name for name in config["defenses"] if name not in DEFENSES]
     if unknown:

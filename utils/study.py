@@ -194,7 +194,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              + ("A cell is the mean ± the sample standard deviation over seeds of the per-seed accuracy"
                 if len(config["seeds"]) > 1 else "A cell is that one run's accuracy, with no spread to show")
              + "; the worst-case columns count an example only if it "
-             f"is correct when clean and survives every attack of its threat model (test_comparison.py).",
+             "is correct when clean and survives every attack of its threat model (test_comparison.py).",
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
