@@ -224,6 +224,8 @@ def model_record(label, path, checkpoint, clean, results, attacks) -> dict:
     config = checkpoint.get("config", {})
     trained = {key: config[key] for key in ("loss", "base_loss", "mi_mode", "norm", "epsilon", "epochs", "seed")
                if key in config}
+    if "estimators_informative" in checkpoint:  # stage 3: were its MI estimators judged informative in stage 2?
+        trained["estimators_informative"] = checkpoint["estimators_informative"]
     worst = worst_case(clean.robust, {name: r.robust for name, r in results.items()})
     return {
         "label": label, "defense": defense_label(checkpoint, path), "checkpoint": str(path),
@@ -268,6 +270,11 @@ def results_markdown(summary: dict, records, columns, attacks) -> str:
         if ran:
             lines.append(f"{'Worst L-inf' if threat == 'linf' else 'Worst L2'}: per example, correct when clean and "
                          f"robust to every one of {', '.join(ran)}.")
+    uninformed = [record["label"] for record in records if record["trained_with"].get("estimators_informative") is False]
+    if uninformed:
+        lines.append(f"**Trained on MI estimators that stage 2 did not judge informative** (--allow-uninformative-"
+                     f"estimators): {', '.join(uninformed)}. Their MI terms compared noise; these rows say nothing "
+                     f"about the method.")
     if "cw" in attacks or "ddn" in attacks:
         lines.append("CW and DDN are minimum-norm attacks: an adversarial counts only within the L2 epsilon.")
     if "transfer" in attacks:

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model_args, add_optimizer_args,
-                       add_runtime_args, nonnegative_number, resolve_dataset_defaults)
+                       add_runtime_args, nonnegative_number, positive_int, resolve_dataset_defaults)
 from utils.data import dataset_info
 from utils.errors import UserError, run_main
 from utils import distributed
 from utils.checkpoint import checkpoint_in, file_sha256
-from utils.estimator_training import load_estimators
+from utils.estimator_training import load_estimators, read_informativeness, uninformative_reason
 from utils.losses import BASE_LOSSES, OBJECTIVES
 from utils.namid import MI_MODES, make_namid_step
 from utils.run_warnings import RunWarnings
@@ -42,6 +42,11 @@ def build_parser():
     group.add_argument("--alpha", type=nonnegative_number, default=5.0, help="weight of L_mi")
     group.add_argument("--lambda", dest="lam", type=nonnegative_number, default=None,
                        help="weight of the MI-gap term (default 0.1; 0 in the reference preset)")
+    group.add_argument("--alpha-warmup-epochs", type=nonnegative_number, default=0.0,
+                       help="grow alpha linearly from 0 over this many adversarial epochs (per batch); 0: the paper's "
+                            "constant alpha")
+    group.add_argument("--min-selected", type=positive_int, default=1,
+                       help="switch L_mi on in a batch only when X' holds at least this many samples (1: the paper's)")
     group.add_argument("--mi-mode", choices=MI_MODES, default="namid",
                        help="namid: L_mi above; wmim: worst-case MI maximisation baseline (use only-max estimators)")
     group.add_argument("--no-adv-mi", action="store_true", help="ablation: drop the adversarial-MI cosine term")
@@ -49,6 +54,9 @@ def build_parser():
     group.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                        help="paper: docs/method.md section 2; reference: the published code's (WRN-34-10, batch 256, "
                             "PGD-40, lambda 0, 2 warm-up epochs, --bn-stats mixed)")
+    group.add_argument("--allow-uninformative-estimators", action="store_true",
+                       help="train on estimators whose stage-2 report (mi_report.json) does not judge them informative; "
+                            "the run then warns and says so in config.json and its results")
     group.add_argument("--allow-arch-mismatch", action="store_true",
                        help="train another architecture than the one whose logits the estimators were trained on")
     add_data_args(parser, dataset_from="the estimators'")
@@ -80,6 +88,20 @@ def check_estimators_fit(args, checkpoint, warnings):
                       f"{checkpoint.get('objective')} objective")
 
 
+def check_estimators_informative(args, warnings) -> bool:
+    """Estimators that measure nothing make L_mi compare noise (docs/method.md section 5): refused unless
+    --allow-uninformative-estimators. WMIM reads only E_n, so only E_n is judged for it."""
+    needed = ("natural",) if args.mi_mode == "wmim" else ("natural", "adversarial")
+    reason = uninformative_reason(args.estimators, needed)
+    if reason is None:
+        return True
+    if not args.allow_uninformative_estimators:
+        raise UserError(f"the estimators are not judged informative, so NAMID would train on noise: {reason}; "
+                        f"pass --allow-uninformative-estimators to train anyway")
+    warnings.warn(f"training on estimators not judged informative (--allow-uninformative-estimators): {reason}")
+    return False
+
+
 def resolve_args(args, estimator_checkpoint):
     """Preset, then the estimators' dataset and threat model, then the dataset's defaults."""
     for key, value in PRESETS[args.preset].items():
@@ -109,16 +131,19 @@ def main(argv=None):
     resolve_args(args, checkpoint)
     warnings = RunWarnings()
     check_estimators_fit(args, checkpoint, warnings)
+    informative = check_estimators_informative(args, warnings)
     objective = OBJECTIVES[args.base_loss]
     measure = checkpoint["estimator_spec"]["measure"]
 
     def make_step(model, schedule, generator):
         return make_namid_step(model, estimators, objective, schedule, generator, beta=args.beta, alpha=args.alpha,
                                lam=args.lam, measure=measure, mi_mode=args.mi_mode, use_nat=not args.no_nat_mi,
-                               use_adv=not args.no_adv_mi, bn_stats=args.bn_stats)
+                               use_adv=not args.no_adv_mi, bn_stats=args.bn_stats,
+                               alpha_warmup_epochs=args.alpha_warmup_epochs, min_selected=args.min_selected)
 
     metadata = {"estimators_checkpoint": str(Path(args.estimators).resolve()), "estimator_spec": checkpoint["estimator_spec"],
-                "estimator_objective": checkpoint.get("objective")}
+                "estimator_objective": checkpoint.get("objective"), "estimators_informative": informative,
+                "estimators_informativeness": read_informativeness(args.estimators)}
     train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step, metadata, warnings)
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stage 2a: train the natural-MI and adversarial-MI estimators with the paper's Eq. 5 (or the published code's objective).
+"""Stage 2a: train the natural-MI and adversarial-MI estimators with the paper's Eq. 5, bounded (or as written, or the published code's objective).
 
 On the selected set X' (correct when natural, fooled when attacked), E_n maximises
 I_N(x; h(x)) - beta I_N(x; h(x~)) and E_a maximises I_A(n; h(x~)) - beta I_A(n; h(x)); the target is frozen.
@@ -21,9 +21,10 @@ def build_parser():
     parser = ArgumentParser(description="Stage 2a: MI estimators trained with the paper's Eq. 5.")
     add_estimator_args(parser, default_epochs=25, model_dir_hint="checkpoints/estimators_<loss>_<dataset>_<measure>_seed<seed>")
     group = parser.add_argument_group("objective")
-    group.add_argument("--estimator-loss", choices=("paper", "reference"), default="paper",
-                       help="paper: Eq. 5; reference: the published code's objective with cosine terms "
-                            "(docs/method.md section 5)")
+    group.add_argument("--estimator-loss", choices=("paper-bounded", "paper", "reference"), default="paper-bounded",
+                       help="paper-bounded: Eq. 5 with each subtracted estimate clamped at 0 (a constant critic's score); "
+                            "paper: Eq. 5 as written, which diverges; reference: the published code's objective with "
+                            "cosine terms (docs/method.md section 5)")
     group.add_argument("--beta", type=nonnegative_number, default=1.0, help="weight of the subtracted MI in Eq. 5")
     return parser
 
@@ -31,8 +32,8 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.estimator_loss == "paper":
-        objective = partial(paper_objective, beta=args.beta)
+    if args.estimator_loss in ("paper", "paper-bounded"):
+        objective = partial(paper_objective, beta=args.beta, bounded=args.estimator_loss == "paper-bounded")
     else:
         objective = reference_objective
     return train_estimators(args, argv, Path(__file__).name, objective, args.estimator_loss)

@@ -33,7 +33,8 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
     outputs = ["config.json", "estimators.pt", "last.pt", "metrics.csv", "mi_distributions.png", "mi_report.json",
                "mi_values.npz"]
     assert sorted(p.name for p in model_dir.iterdir() if p.name != "warnings.json") == outputs
-    printed = capsys.readouterr().err
+    captured = capsys.readouterr()
+    printed, console = captured.err, captured.out + captured.err
     for message in read_warnings(model_dir):  # every warning kept was also printed, and the other way round
         assert f"warning: {message}" in printed
     assert printed.count("warning: ") == len(read_warnings(model_dir))
@@ -49,6 +50,17 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
         assert maximised["nat_mi_correct"] == pytest.approx(float(natural), rel=1e-5, abs=1e-6)
         assert maximised["adv_mi_fooled"] == pytest.approx(float(adversarial), rel=1e-5, abs=1e-6)
         assert maximised["mi_selection"] == pytest.approx(float(natural + adversarial) / 2, rel=1e-5, abs=1e-6)
+        # the informativeness check: E_n on all samples, E_a on the fooled ones, each against its shuffled pairs
+        verdicts = report["informativeness"]
+        for name, quantity, mask in (("natural", "nat_mi_clean", numpy.ones_like(fooled)), ("adversarial", "adv_mi_adv", fooled)):
+            real, shuffled = values[quantity][mask], values[f"{quantity}_shuffled"][mask]
+            assert verdicts[name]["n"] == int(mask.sum())
+            assert verdicts[name]["mean"] == pytest.approx(float(real.mean()), rel=1e-5, abs=1e-6)
+            assert verdicts[name]["se"] == pytest.approx(float(real.std(ddof=1) / numpy.sqrt(len(real))), rel=1e-4)
+            assert verdicts[name]["shuffled_mean"] == pytest.approx(float(shuffled.mean()), rel=1e-5, abs=1e-6)
+        assert verdicts["informative"] == all(verdicts[n]["verdict"] == "informative" for n in ("natural", "adversarial"))
+        assert "test set: E_n" in console and "epoch 2 held-out: E_n" in console
+        assert ("the estimators are not informative" in printed) == (not verdicts["informative"])
     assert report["selected_on"] == "val_mi_selection"
     assert digest(tiny_target) == target_digest, "the target checkpoint was modified"
     config = json.loads((model_dir / "config.json").read_text())
@@ -59,7 +71,8 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
     rows = read_metrics(model_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in (["val_mi_selection", "val_nat_mi_correct", "val_adv_mi_fooled", "val_objective", "val_selected",
-                 "train_selected"] + [f"val_{q}" for q in QUANTITIES] + [f"val_sel_{q}" for q in QUANTITIES]):
+                 "train_selected", "val_En_mean", "val_En_se", "val_En_shuffled_mean", "val_En_informative",
+                 "val_Ea_mean", "val_Ea_se", "val_Ea_shuffled_mean", "val_Ea_informative"] + [f"val_{q}" for q in QUANTITIES] + [f"val_sel_{q}" for q in QUANTITIES]):
         assert key in rows[0] and rows[0][key] not in ("", "nan"), key
     for row in rows:
         parts = float(row["val_nat_mi_correct"]), float(row["val_adv_mi_fooled"])
@@ -70,7 +83,8 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
 
     estimators = torch.load(model_dir / "estimators.pt", weights_only=True)
     assert estimators["estimator_spec"]["hsize"] == 32 and estimators["target_spec"]["arch"] == "small-cnn"
-    assert estimators["objective"] == (extra[1] if extra[:1] == ["--estimator-loss"] else name)
+    default_objective = {"paper": "paper-bounded", "only-max": "only-max"}[name]
+    assert estimators["objective"] == (extra[1] if extra[:1] == ["--estimator-loss"] else default_objective)
     assert any(k.startswith("natural.local") for k in estimators["estimators"])
     assert any(k.startswith("adversarial.head") for k in estimators["estimators"])
 
@@ -166,8 +180,8 @@ def test_report_only_rewrites_the_report_without_training(fmnist_dir, tiny_estim
     (run / "mi_report.json").unlink()
     assert train_MI_estimator.main(small_args(fmnist_dir, tiny_target, run, "--report-only")) == 0
     report = json.loads((run / "mi_report.json").read_text())
-    assert report["objective"] == "paper" and set(report["all"]) == set(QUANTITIES)
+    assert report["objective"] == "paper-bounded" and set(report["all"]) == set(QUANTITIES)
     assert digest(tiny_estimators) == before, "--report-only modified the estimators"
     assert_one_line_error(run_script("train_MI_estimator.py", small_args(fmnist_dir, tiny_target, run, "--report-only",
                                                                          "--estimator-loss", "reference")),
-                          "trained with the paper objective, not reference")
+                          "trained with the paper-bounded objective, not reference")

@@ -17,7 +17,8 @@ from tests.helpers import (assert_all_float32_without_autocast, assert_one_line_
 from utils.attacks import PGDConfig
 from utils.losses import OBJECTIVES
 from utils.mi import mi_estimate
-from utils.namid import make_namid_step, namid_mi_loss, namid_step_mi
+from utils.namid import alpha_schedule, make_namid_step, namid_mi_loss, namid_step_mi
+from utils.training import training_attack_schedule
 
 Q = {"nat_mi_clean": torch.tensor([1.0, 2.0, 3.0, 4.0]), "nat_mi_adv": torch.tensor([0.5, 1.0, -1.0, 2.0]),
      "adv_mi_adv": torch.tensor([2.0, 0.0, 1.0, 1.0]), "adv_mi_clean": torch.tensor([1.0, 1.0, 0.5, 3.0])}
@@ -161,6 +162,53 @@ def test_step_runs_the_estimators_in_float32_under_bf16_autocast(monkeypatch):
     assert extras["mi_loss"].dtype == torch.float32
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Stabilisers: alpha warm-up and a minimum size of X'
+
+
+def test_adversarial_epochs_and_the_alpha_ramp_by_hand():
+    schedule = training_attack_schedule(PGDConfig("linf", 0.1, 0.025, 3), epoch=0, batches_per_epoch=4, warmup_epochs=1,
+                                        ramp_epochs=0)
+    assert schedule(3) is None and schedule.adversarial_epochs(3) == 0.0  # clean warm-up: no adversarial epoch yet
+    schedule = training_attack_schedule(PGDConfig("linf", 0.1, 0.025, 3), 2, 4, 1, 0)
+    assert [schedule.adversarial_epochs(i) for i in range(4)] == [1.25, 1.5, 1.75, 2.0]
+    alpha_at = alpha_schedule(5.0, 2)
+    assert [alpha_at(e) for e in (0.0, 0.5, 1.25, 2.0, 7.0)] == [0.0, 1.25, 3.125, 5.0, 5.0]
+    assert alpha_schedule(5.0, 0)(0.0) == 5.0  # the paper's constant alpha
+
+
+def ramped_schedule(adversarial_epochs):
+    schedule = lambda index: PGDConfig("linf", 0.1, 0.025, 2)  # noqa: E731
+    schedule.adversarial_epochs = lambda index: adversarial_epochs
+    return schedule
+
+
+@pytest.mark.parametrize("elapsed,weight", [(0.5, 1.25), (4.0, 5.0)])
+def test_the_step_weights_l_mi_by_the_ramped_alpha(elapsed, weight):
+    model, estimators, x, y = small_setup()
+    y = model(x).argmax(1)  # correct when clean, so that X' is not empty
+    step = make_namid_step(model, estimators, OBJECTIVES["at"], ramped_schedule(elapsed), torch.Generator().manual_seed(0),
+                           beta=6.0, alpha=5.0, lam=0.1, measure="dv", alpha_warmup_epochs=2)
+    loss, _, _, extras = step(x, y, 0)
+    assert extras["selected"].item() > 0 and extras["mi_loss"].abs().item() > 0
+    assert extras["alpha"].item() == weight
+    assert loss.item() == pytest.approx((extras["base_loss"] + weight * extras["mi_loss"]).item(), rel=1e-5)
+
+
+def test_l_mi_is_off_in_batches_whose_selection_is_smaller_than_min_selected():
+    model, estimators, x, y = small_setup()
+    logits_nat, logits_adv = model(x), model((x + 0.1).clamp(0, 1))
+    local_nat, local_adv = (e.encode_local(u) for e, u in ((estimators["natural"], x), (estimators["adversarial"], x - 0.5)))
+    y = logits_nat.argmax(1)
+    fooled = torch.arange(16) < 5  # exactly 5 samples in X'
+    logits_adv = logits_adv + 100 * torch.nn.functional.one_hot(torch.where(fooled, (y + 1) % 10, y), 10)
+    for minimum, active in ((1, True), (5, True), (6, False)):
+        loss, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, "dv", 0.1, True, True,
+                                    min_selected=minimum)
+        assert terms["selected"].item() == 5
+        assert (loss.abs().item() > 0) == active and loss.requires_grad == active, minimum
+
+
 class _Stop(Exception):
     pass
 
@@ -205,10 +253,11 @@ def test_single_process_stages_refuse_torchrun(script, tiny_target, tmp_path):
 def small_args(fmnist_dir, estimators, model_dir, *extra):
     return ["--estimators", str(estimators), "--data-dir", str(fmnist_dir), "--train-limit", "300", "--val-size", "100",
             "--test-limit", "100", "--batch-size", "50", "--num-steps", "2", "--eval-steps", "2", "--warmup-epochs", "0",
-            "--eps-ramp-epochs", "0", "--device", "cpu", "--model-dir", str(model_dir), *extra]
+            "--eps-ramp-epochs", "0", "--device", "cpu", "--model-dir", str(model_dir),
+            "--allow-uninformative-estimators", *extra]  # 1-epoch estimators; the refusal: test_informativeness.py
 
 
-NAMID_COLUMNS = ["epoch", "lr", "train_loss", "base_loss", "mi_loss", "mi_nat_cos", "mi_adv_cos", "mi_gap", "selected",
+NAMID_COLUMNS = ["epoch", "lr", "train_loss", "base_loss", "mi_loss", "mi_nat_cos", "mi_adv_cos", "mi_gap", "selected", "alpha",
                  "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "seconds"]
 
 

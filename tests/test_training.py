@@ -161,8 +161,8 @@ def test_the_policy_reaches_both_stages_with_its_documented_defaults(fmnist_dir,
     monkeypatch.setattr(train_MIAT, "make_namid_step", capture("namid"))
     for name, main, argv in [
             ("standard", train_standard.main, small_args(fmnist_dir, tmp_path / "a")),
-            ("namid", train_MIAT.main, ["--estimators", str(tiny_estimators), *small_args(fmnist_dir, tmp_path / "b")[2:]]),
-            ("namid", train_MIAT.main, ["--estimators", str(tiny_estimators), "--preset", "reference", "--arch", "small-cnn",
+            ("namid", train_MIAT.main, ["--estimators", str(tiny_estimators), "--allow-uninformative-estimators", *small_args(fmnist_dir, tmp_path / "b")[2:]]),
+            ("namid", train_MIAT.main, ["--estimators", str(tiny_estimators), "--allow-uninformative-estimators", "--preset", "reference", "--arch", "small-cnn",
                                         *small_args(fmnist_dir, tmp_path / "c")[2:]]),
             ("standard", train_standard.main, small_args(fmnist_dir, tmp_path / "d", "--bn-stats", "mixed"))]:
         with pytest.raises(Stop):

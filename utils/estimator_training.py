@@ -3,6 +3,7 @@
 Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
 train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
 """
+import json
 import math
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from utils.cli import (add_data_args, add_runtime_args, add_threat_model_args, p
                        resolve_dataset_defaults)
 from utils.data import make_loader
 from utils.errors import UserError
-from utils.mi import (MI_MEASURES, QUANTITIES, QUANTITY_LABELS, full_precision, local_encodings, masked_mean, mi_quantities,
-                      select_misled)
+from utils.mi import (MI_MEASURES, QUANTITIES, QUANTITY_LABELS, derangement, full_precision, local_encodings, masked_mean,
+                      mi_quantities, select_misled)
 from utils.plots import plot_mi_distributions
 from utils.run_warnings import RunWarnings
 from utils.runtime import attack_generator, autocast, resolve_device, seed_everything
@@ -29,6 +30,20 @@ STAGE = "estimators"
 ESTIMATOR_FILE = "estimators.pt"
 MI_VALUES_FILE = "mi_values.npz"
 SELECT_KEY = "val_mi_selection"  # maximised_estimates(): what estimators.pt is chosen on
+REPORT_FILE = "mi_report.json"
+
+# The informativeness check (docs/method.md section 5). Each estimator is judged on its own pairs over the
+# samples it is meant for: E_n on (x, h(x)) over all held-out samples, E_a on (n, h(x~)) over those whose
+# adversarial fools the target. Its mean estimate must exceed both references, the constant critic's 0
+# and the same estimator on pairs shuffled across the batch, by SE_MARGIN standard errors and by at least
+# MIN_GAIN_NATS: 3 standard errors make a chance pass rare (0.13 % one-sided, normal approximation); the
+# floor keeps a gain too small to matter from passing on thousands of samples, whose standard error is a
+# few thousandths of a nat.
+SE_MARGIN = 3.0
+MIN_GAIN_NATS = 0.05
+JUDGED = {"natural": ("E_n", "nat_mi_clean", None, "all held-out samples"),
+          "adversarial": ("E_a", "adv_mi_adv", "fooled", "held-out samples whose adversarial fools the target")}
+SHUFFLED = tuple(quantity for _, quantity, _, _ in JUDGED.values())
 
 
 def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
@@ -98,6 +113,29 @@ def load_estimators(path, device):
     return freeze(estimators.to(device)), checkpoint
 
 
+def read_informativeness(estimators_path):
+    """The informativeness section of the mi_report.json next to an estimators.pt, or None if there is none
+    (no report, or one written before the check existed)."""
+    report = Path(estimators_path).parent / REPORT_FILE
+    try:
+        return json.loads(report.read_text()).get("informativeness")
+    except (OSError, ValueError):
+        return None
+
+
+def uninformative_reason(estimators_path, needed=tuple(JUDGED)):
+    """Why the estimators at this path must not steer a training, or None when each of `needed` is informative."""
+    verdicts = read_informativeness(estimators_path)
+    folder = Path(estimators_path).parent
+    if verdicts is None:
+        return (f"{folder / REPORT_FILE} holds no informativeness verdict (rewrite it with the stage-2 script's "
+                f"--report-only --model-dir {folder} --target-model ...)")
+    failing = [name for name in needed if verdicts[name]["verdict"] != "informative"]
+    if not failing:
+        return None
+    return f"{folder / REPORT_FILE}: {verdict_line(verdicts)}"
+
+
 def adversarial_batch(target, x, y, attack, generator):
     """x~ from the frozen target, and its logits for x and x~ from one no-grad forward."""
     x_adv = pgd_attack(target, x, y, attack, generator)
@@ -123,11 +161,14 @@ def make_estimator_step(estimators, target, objective, attack, generator, measur
 
 @torch.no_grad()
 def collect_mi(estimators, target, loader, attack, objective, device, seed, measure, amp=False, desc="held-out"):
-    """Per-sample quantities over a loader, with the selection masks, and the batch-weighted objective."""
+    """Per-sample quantities over a loader, with the selection masks, the judged quantities on shuffled
+    pairs (`<quantity>_shuffled`: sample i's local encoding replaced by another sample's of the batch) and
+    the batch-weighted objective."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    shuffler = torch.Generator().manual_seed(seed)  # its own stream: the attack's stays that of the training
     estimators.eval()
-    parts = {name: [] for name in (*QUANTITIES, "selected", "correct", "fooled")}
+    parts = {name: [] for name in (*QUANTITIES, *(f"{q}_shuffled" for q in SHUFFLED), "selected", "correct", "fooled")}
     objective_sum, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         x, y = x.to(device), y.to(device)
@@ -135,7 +176,12 @@ def collect_mi(estimators, target, loader, attack, objective, device, seed, meas
             x_adv, logits_nat, logits_adv = adversarial_batch(target, x, y, attack, generator)
             local_nat, local_adv = local_encodings(estimators, x, x_adv)
             q = mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, measure)
+            pairing = derangement(len(y), shuffler).to(device)
+            shuffled = mi_quantities(estimators, local_nat[pairing], local_adv[pairing], logits_nat, logits_adv, measure,
+                                     which=SHUFFLED)
         objective_sum += float(objective(q, logits_nat.float(), logits_adv.float(), y)) * len(y)
+        for name in SHUFFLED:
+            parts[f"{name}_shuffled"].append(shuffled[name].float().cpu())
         count += len(y)
         for name in QUANTITIES:
             parts[name].append(q[name].float().cpu())
@@ -164,10 +210,64 @@ def maximised_estimates(values) -> dict:
             "mi_selection": sum(present) / len(present) if present else float("nan")}
 
 
+def _mean_and_se(tensor):
+    return float(tensor.mean()), float(tensor.std() / math.sqrt(tensor.numel()))
+
+
+def judge_estimator(real, shuffled) -> dict:
+    """The verdict on one estimator from its per-sample estimates on real and on shuffled pairs (nats)."""
+    n = real.numel()
+    if n < 2:
+        return {"n": n, "verdict": "not informative", "reason": f"{n} sample(s) to judge it on"}
+    mean, se = _mean_and_se(real)
+    shuffled_mean, shuffled_se = _mean_and_se(shuffled)
+    gain, gain_se = _mean_and_se(real - shuffled)  # paired: the same samples, the same batches
+    margin_constant, margin_shuffled = max(SE_MARGIN * se, MIN_GAIN_NATS), max(SE_MARGIN * gain_se, MIN_GAIN_NATS)
+    passes = math.isfinite(mean) and mean >= margin_constant and math.isfinite(gain) and gain >= margin_shuffled
+    failing = [] if passes else [f"{mean:.3g} is not above the constant critic's 0 by {margin_constant:.3g}"
+                                 if not mean >= margin_constant else
+                                 f"it beats shuffled pairs by {gain:.3g}, not by {margin_shuffled:.3g}"]
+    return {"n": n, "mean": mean, "se": se, "constant_critic": 0.0, "shuffled_mean": shuffled_mean,
+            "shuffled_se": shuffled_se, "gain_over_shuffled": gain, "gain_se": gain_se,
+            "margin_over_constant": margin_constant, "margin_over_shuffled": margin_shuffled,
+            "verdict": "informative" if passes else "not informative", **({"reason": failing[0]} if failing else {})}
+
+
+def informativeness(values) -> dict:
+    """Each estimator's verdict (judge_estimator) on the samples it is meant for (JUDGED), and the rule."""
+    report = {}
+    for name, (label, quantity, subset, samples) in JUDGED.items():
+        mask = values[subset] if subset else torch.ones_like(values[quantity], dtype=torch.bool)
+        report[name] = {"estimator": label, "quantity": QUANTITY_LABELS[quantity], "samples": samples,
+                        **judge_estimator(values[quantity][mask], values[f"{quantity}_shuffled"][mask])}
+    report["informative"] = all(report[name]["verdict"] == "informative" for name in JUDGED)
+    report["rule"] = (f"mean estimate above the constant critic's 0 and above the same estimator on shuffled pairs, "
+                      f"each by at least {SE_MARGIN:g} standard errors and {MIN_GAIN_NATS:g} nats")
+    return report
+
+
+def verdict_line(report) -> str:
+    """'E_n 1.58 ± 0.02 nats (shuffled -0.31): informative; E_a ...' for the console and the warnings."""
+    parts = []
+    for name in JUDGED:
+        r = report[name]
+        if "mean" not in r:
+            parts.append(f"{r['estimator']}: {r['verdict']} ({r['reason']})")
+        else:
+            parts.append(f"{r['estimator']} {r['mean']:.3f} ± {r['se']:.3f} nats on {r['n']} samples (shuffled pairs "
+                         f"{r['shuffled_mean']:.3f}): {r['verdict']}")
+    return "; ".join(parts)
+
+
 def held_out_row(values, prefix="val") -> dict:
     """The selection criterion and its parts, the four MI means over all held-out samples and over the
     selected set X', its size and the objective."""
     row = {f"{prefix}_{key}": value for key, value in maximised_estimates(values).items()}
+    verdicts = informativeness(values)
+    for name in JUDGED:
+        r, short = verdicts[name], JUDGED[name][0].replace("_", "")
+        row.update({f"{prefix}_{short}_{key}": r.get(key, float("nan")) for key in ("mean", "se", "shuffled_mean")})
+        row[f"{prefix}_{short}_informative"] = int(r["verdict"] == "informative")
     row.update({f"{prefix}_objective": values["objective"],
                 f"{prefix}_selected": float(values["selected"].float().mean())})  # a fraction, as train_selected
     selected = values["selected"].float()
@@ -175,21 +275,6 @@ def held_out_row(values, prefix="val") -> dict:
         row[f"{prefix}_{name}"] = float(values[name].mean())
         row[f"{prefix}_sel_{name}"] = float(masked_mean(values[name], selected))
     return row
-
-
-def warn_if_worse_than_constant(row, epoch, objective_name, warnings):
-    """A constant critic scores exactly 0 under DV; held-out estimates below 0 of the maximised
-    quantities, on the samples each estimator is trained for (maximised_estimates), mean the estimators
-    have diverged or overfit (Eq. 5 is unbounded: README, stage 2). No fooled sample: E_a is not judged."""
-    worse = lambda value: not (math.isfinite(value) and value >= 0)  # noqa: E731
-    failing = []
-    if worse(row["val_nat_mi_correct"]):
-        failing.append(f"E_n's I_N(x; h(x)) on correctly classified samples is {row['val_nat_mi_correct']:.4g}")
-    if not math.isnan(row["val_adv_mi_fooled"]) and worse(row["val_adv_mi_fooled"]):
-        failing.append(f"E_a's I_A(n; h(x~)) on fooled samples is {row['val_adv_mi_fooled']:.4g}")
-    if failing:
-        warnings.warn(f"epoch {epoch + 1}: held-out {' and '.join(failing)}: worse than a constant critic's 0; the "
-                      f"{objective_name} estimators are diverging or overfitting")
 
 
 def _stats(tensor) -> dict:
@@ -231,7 +316,8 @@ def mi_report(values) -> dict:
 
 
 def mi_values_numpy(values) -> dict:
-    return {name: values[name].numpy() for name in (*QUANTITIES, "selected", "correct", "fooled")}
+    return {name: values[name].numpy() for name in (*QUANTITIES, *(f"{q}_shuffled" for q in SHUFFLED), "selected",
+                                                     "correct", "fooled")}
 
 
 def write_mi_report(args, splits, target, estimators_path, best_epoch, objective, objective_name, attack, device,
@@ -244,13 +330,18 @@ def write_mi_report(args, splits, target, estimators_path, best_epoch, objective
     values = collect_mi(best, target, test_loader, attack, objective, device, args.seed, args.mi_measure, args.amp, "test")
     report = {"split": "test", "samples": len(splits.test), "estimators": str(estimators_path), "best_epoch": best_epoch,
               "selected_on": SELECT_KEY, "objective": objective_name, "measure": args.mi_measure, "attack": vars(attack),
-              "maximised_estimates": maximised_estimates(values), **mi_report(values)}
+              "maximised_estimates": maximised_estimates(values), "informativeness": informativeness(values),
+              **mi_report(values)}
     folder = Path(estimators_path).parent
-    atomic_write_json(folder / "mi_report.json", report)
+    atomic_write_json(folder / REPORT_FILE, report)
     arrays = mi_values_numpy(values)
     numpy.savez_compressed(folder / MI_VALUES_FILE, **arrays)  # per-sample values, for reproduce.py's figure
     plot_mi_distributions({objective_name: arrays}, folder / "mi_distributions.png",
                           f"{objective_name} estimators, {args.dataset} test set, {attack.norm} eps {attack.epsilon:.4g}")
+    tqdm.write(f"test set: {verdict_line(report['informativeness'])}")
+    if not report["informativeness"]["informative"]:
+        warnings.warn(f"test set: the estimators are not informative, and train_MIAT.py will refuse them: "
+                      f"{verdict_line(report['informativeness'])} ({REPORT_FILE})")
     tqdm.write(report["observation"])
     if not report.get("observation_holds_in_means"):
         if "adversarial_mi_higher_for_adversarial" in report:
@@ -325,7 +416,7 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
         values = collect_mi(estimators, target, val_loader, attack, objective, device, args.seed, args.mi_measure,
                             args.amp, desc="val")
         row = {**row, **held_out_row(values)}
-        warn_if_worse_than_constant(row, epoch, objective_name, warnings)
+        tqdm.write(f"epoch {epoch + 1} held-out: {verdict_line(informativeness(values))}")
         return row
 
     run.fit(run_epoch)

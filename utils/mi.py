@@ -111,6 +111,15 @@ def mi_quantities(estimators, local_nat, local_adv, logits_nat, logits_adv, meas
         return result
 
 
+def derangement(n: int, generator=None):
+    """A random permutation of range(n) without a fixed point (one cycle through a random order), so that
+    every sample is paired with another's: the shuffled-pairs reference of the informativeness check."""
+    order = torch.randperm(n, generator=generator)
+    permutation = torch.empty_like(order)
+    permutation[order] = order.roll(-1)
+    return permutation
+
+
 def select_misled(logits_nat, logits_adv, y):
     """Paper Eq. 6: samples classified correctly when natural and wrongly when adversarial.
 
@@ -143,12 +152,21 @@ def only_max_objective(q, logits_nat, logits_adv, y):
     return -(masked_mean(q["nat_mi_clean"], correct) + masked_mean(q["adv_mi_adv"], fooled))
 
 
-def paper_objective(q, logits_nat, logits_adv, y, beta=1.0):
+def paper_objective(q, logits_nat, logits_adv, y, beta=1.0, bounded=False):
     """Eq. 5 on the selected set X': E_n maximises I_N(x; h(x)) - beta I_N(x; h(x~)),
-    E_a maximises I_A(n; h(x~)) - beta I_A(n; h(x))."""
+    E_a maximises I_A(n; h(x~)) - beta I_A(n; h(x)).
+
+    Literally, the objective is unbounded: the subtracted estimate can be driven to -infinity (a critic
+    that scores the mismatched pair far below its negatives), which is what the estimators then learn
+    instead of the MI they are meant to measure. bounded=True clamps each subtracted per-sample estimate
+    at 0, the score of a constant critic: the objective still pushes the mismatched pair's MI down to
+    "no information", and gains nothing below it (docs/method.md section 5)."""
     selected = select_misled(logits_nat, logits_adv, y)
-    natural = masked_mean(q["nat_mi_clean"] - beta * q["nat_mi_adv"], selected)
-    adversarial = masked_mean(q["adv_mi_adv"] - beta * q["adv_mi_clean"], selected)
+    subtracted_nat, subtracted_adv = q["nat_mi_adv"], q["adv_mi_clean"]
+    if bounded:
+        subtracted_nat, subtracted_adv = subtracted_nat.clamp_min(0), subtracted_adv.clamp_min(0)
+    natural = masked_mean(q["nat_mi_clean"] - beta * subtracted_nat, selected)
+    adversarial = masked_mean(q["adv_mi_adv"] - beta * subtracted_adv, selected)
     return -(natural + adversarial)
 
 

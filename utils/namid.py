@@ -49,11 +49,14 @@ def namid_mi_loss(q: dict, selected, lam: float, use_nat=True, use_adv=True):
     return loss, terms
 
 
-def namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam, use_nat, use_adv):
-    """Selection (Eq. 6) and L_mi for one batch; local encodings were computed under no_grad."""
+def namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam, use_nat, use_adv,
+                  min_selected=1):
+    """Selection (Eq. 6) and L_mi for one batch; local encodings were computed under no_grad. With fewer
+    than min_selected samples in X', L_mi is 0 for the batch (the cosine of a 1-element vector is a
+    constant sign, of a 2-element one mostly noise)."""
     selected = select_misled(logits_nat.detach(), logits_adv.detach(), y)
     which = needed_quantities(use_nat, use_adv, lam)
-    if not selected.any() or not which:
+    if int(selected.sum()) < max(min_selected, 1) or not which:
         loss, terms = namid_mi_loss({}, selected, 0.0, False, False)
     else:
         with full_precision(local_nat):
@@ -70,9 +73,21 @@ def wmim_mi_loss(natural_estimator, local_adv_image, logits_adv, measure):
     return -mi.mean(), {"mi_wmim": mi.mean().detach()}
 
 
+def alpha_schedule(alpha: float, warmup_epochs: float):
+    """alpha after `adversarial_epochs` adversarial epochs: grown linearly from 0 over warmup_epochs, then constant."""
+    def alpha_at(adversarial_epochs: float) -> float:
+        if warmup_epochs <= 0:
+            return alpha
+        return alpha * min(1.0, adversarial_epochs / warmup_epochs)
+    return alpha_at
+
+
 def make_namid_step(model, estimators, objective, schedule, generator, *, beta, alpha, lam, measure,
-                    mi_mode="namid", use_nat=True, use_adv=True, bn_stats="base"):
-    """The stage-3 step: L_all = L_base + alpha * L_mi.
+                    mi_mode="namid", use_nat=True, use_adv=True, bn_stats="base", alpha_warmup_epochs=0.0,
+                    min_selected=1):
+    """The stage-3 step: L_all = L_base + alpha * L_mi, alpha ramped from 0 over the first
+    alpha_warmup_epochs adversarial epochs (schedule.adversarial_epochs), L_mi off in batches whose X'
+    has fewer than min_selected samples (namid_step_mi).
 
     Per step the target runs forward once on x and once on x~ (after the attack); those logits feed the
     Eq. 6 selection, the base loss and every MI term. bn_stats decides whether the clean forward updates
@@ -80,6 +95,8 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
     gradients), and their local encodings, which do not depend on theta, are computed once under no_grad.
     The published code ran 7 target forwards per step (docs/method.md section 8).
     """
+    alpha_at = alpha_schedule(alpha, alpha_warmup_epochs)
+
     def step(x, y, index):
         config = schedule(index)
         if config is None:  # clean warm-up epoch: no attack, no MI term
@@ -98,9 +115,10 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
         base = objective.loss(logits_nat, logits_adv, y, beta)
         if mi_mode == "namid":
             mi, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam,
-                                      use_nat, use_adv)
+                                      use_nat, use_adv, min_selected)
         else:
             mi, terms = wmim_mi_loss(estimators["natural"], local_adv_image, logits_adv, measure)
-        extras = {"base_loss": base.detach(), "mi_loss": mi.detach(), **terms}
-        return base + alpha * mi, logits_nat, logits_adv, extras
+        weight = alpha_at(schedule.adversarial_epochs(index)) if alpha_warmup_epochs > 0 else alpha
+        extras = {"base_loss": base.detach(), "mi_loss": mi.detach(), **terms, "alpha": base.new_tensor(weight)}
+        return base + weight * mi, logits_nat, logits_adv, extras
     return step

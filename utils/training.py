@@ -416,16 +416,22 @@ def make_adversarial_step(model, objective, attack_schedule, beta, generator, bn
 
 def training_attack_schedule(base: PGDConfig, epoch: int, batches_per_epoch: int, warmup_epochs: int, ramp_epochs: int):
     """PGDConfig per batch of `epoch`: None during clean warm-up, then epsilon (and the step size)
-    grown linearly per batch over ramp_epochs, then the full budget."""
+    grown linearly per batch over ramp_epochs, then the full budget. schedule.adversarial_epochs(index)
+    says how many adversarial epochs have elapsed after that batch (fractional; 0 in warm-up), for
+    ramps of other quantities (train_MIAT.py's --alpha-warmup-epochs)."""
+    def adversarial_epochs(index):
+        return max(0.0, epoch - warmup_epochs + (index + 1) / batches_per_epoch)
+
     def schedule(index):
         if epoch < warmup_epochs:
             return None
         if ramp_epochs == 0:
             return base
-        progress = (epoch - warmup_epochs + (index + 1) / batches_per_epoch) / ramp_epochs
+        progress = adversarial_epochs(index) / ramp_epochs
         if progress >= 1:
             return base
         return replace(base, epsilon=base.epsilon * progress, step_size=base.step_size * progress)
+    schedule.adversarial_epochs = adversarial_epochs
     return schedule
 
 
