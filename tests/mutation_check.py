@@ -81,6 +81,29 @@ MUTATIONS = {
         "return (logits_nat.softmax(dim=0).argmax(dim=1) == y) & (logits_adv.softmax(dim=0).argmax(dim=1) != y)",
         ["tests/test_mi.py::test_selection_uses_argmax_over_classes",
          "tests/test_namid.py::test_end_to_end_writes_every_output"]),
+    "shuffled-reference-not-shuffled": (
+        "utils/estimator_training.py", "pairing = derangement(len(y), shuffler).to(device)",
+        "pairing = torch.arange(len(y), device=device)",
+        ["tests/test_informativeness.py::test_collect_mi_reference_is_the_same_estimator_on_deranged_pairs"]),
+    "adversarial-estimator-judged-on-all-samples": (
+        "utils/estimator_training.py", '"adversarial": ("E_a", "adv_mi_adv", "fooled",', '"adversarial": ("E_a", "adv_mi_adv", None,',
+        ["tests/test_informativeness.py::test_collect_mi_reference_is_the_same_estimator_on_deranged_pairs"]),
+    "verdict-ignores-the-shuffled-reference": (
+        "utils/estimator_training.py", "mean >= margin_constant and math.isfinite(gain) and gain >= margin_shuffled",
+        "mean >= margin_constant",
+        ["tests/test_informativeness.py::test_judge_estimator_by_hand"]),
+    "stage3-accepts-uninformative-estimators": (
+        "train_MIAT.py", "    if reason is None:\n        return True\n", "    if True:\n        return True\n",
+        ["tests/test_informativeness.py::test_stage3_refuses_uninformative_estimators_unless_allowed"]),
+    "bounded-eq5-unclamped": (
+        "utils/mi.py", "subtracted_nat.clamp_min(0), subtracted_adv.clamp_min(0)", "subtracted_nat, subtracted_adv",
+        ["tests/test_informativeness.py::test_bounded_eq5_clamps_each_subtracted_estimate_at_zero"]),
+    "alpha-warmup-ignored": (
+        "utils/namid.py", "weight = alpha_at(schedule.adversarial_epochs(index)) if alpha_warmup_epochs > 0 else alpha",
+        "weight = alpha", ["tests/test_namid.py::test_the_step_weights_l_mi_by_the_ramped_alpha"]),
+    "min-selected-ignored": (
+        "utils/namid.py", "if int(selected.sum()) < max(min_selected, 1) or not which:", "if not selected.any() or not which:",
+        ["tests/test_namid.py::test_l_mi_is_off_in_batches_whose_selection_is_smaller_than_min_selected"]),
 }
 
 
