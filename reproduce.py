@@ -46,6 +46,9 @@ def build_parser():
     group.add_argument("--epsilons", type=budget_as_written, nargs="*", default=None,
                        help="L-inf budgets of the robust-accuracy-against-epsilon curve (default: the preset's; the flag "
                             "alone: no curve)")
+    group.add_argument("--namid-estimators", choices=("estimators", "only-max"), default=None,
+                       help="the stage-2 run NAMID, NAMID-T and NAMID-M read: train_MI_estimator.py's (estimators) or "
+                            "train_MI_estimator_only_max.py's (default: the preset's; WMIM always reads only-max)")
     group.add_argument("--curve-steps", type=positive_int, default=None,
                        help="PGD steps of that curve (default: the table's, eval.pgd-steps, so that both agree)")
     group = parser.add_argument_group("runtime")
@@ -88,7 +91,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     runner = {"seeds": args.seeds, "defenses": args.defenses, "jobs": args.jobs, "curve_steps": args.curve_steps,
-              "epsilons": args.epsilons}
+              "epsilons": args.epsilons, "namid_estimators": args.namid_estimators}
     config = resolve_config(args.preset, args.overrides, runner)
     out = Path(args.out or f"checkpoints/reproduce_{args.preset}")
     tasks = build_plan(config, out, args.device, args.data_dir, args.tensorboard)

@@ -60,6 +60,16 @@ DEFENSES = {
     "wmim": Defense("WMIM", "namid", ("--mi-mode", "wmim"), "only-max"),
 }
 assert tuple(DEFENSES) == ALL_DEFENSES
+ESTIMATOR_RUNS = ("estimators", "only-max")
+
+
+def estimators_for(config: dict, defense: str):
+    """The stage-2 run a defense reads: NAMID, NAMID-T and NAMID-M read config["namid_estimators"]
+    (train_MI_estimator.py's run, or the only-max one), WMIM always the only-max run."""
+    wanted = DEFENSES[defense].estimators
+    if wanted == "estimators":
+        return config.get("namid_estimators") or "estimators"
+    return wanted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +172,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
         raise UserError(f"--defenses: unknown defense {unknown[0]!r} (defenses: {', '.join(DEFENSES)})")
     if not config["defenses"]:
         raise UserError("--defenses: name at least one defense")
+    if config.get("namid_estimators", "estimators") not in ESTIMATOR_RUNS:
+        raise UserError(f"--namid-estimators: choose one of {', '.join(ESTIMATOR_RUNS)}")
     if "transfer" in attack_list(config) and config.get("surrogate") is None:
         raise UserError("the transfer attack needs a surrogate: add --set surrogate.arch=vgg19 "
                         "(or drop transfer from eval.attacks)")
@@ -238,7 +250,7 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
         folder = out / f"seed{seed}"
         seed_flags = ["--seed", str(seed)]
         defenses = config["defenses"]
-        estimator_runs = sorted({DEFENSES[d].estimators for d in defenses if DEFENSES[d].estimators})
+        estimator_runs = sorted({estimators_for(config, d) for d in defenses if DEFENSES[d].estimators})
         stage1 = [d for d in ALL_DEFENSES if DEFENSES[d].section == "standard"
                   and (d in defenses or (d == "standard-at" and estimator_runs))]
 
@@ -268,11 +280,12 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
             if spec.section != "namid":
                 continue
             run_dir = folder / defense
-            estimators = folder / spec.estimators / "estimators.pt"
+            run = estimators_for(config, defense)
+            estimators = folder / run / "estimators.pt"
             add(Task(f"seed{seed}/{defense}", "namid", SCRIPTS["namid"],
                      section("namid") + ["--estimators", str(estimators)] + list(spec.flags) + seed_flags
                      + ["--model-dir", str(run_dir)] + runtime,
-                     run_dir, seed, deps=[f"seed{seed}/{spec.estimators}"], inputs=[estimators], defense=defense))
+                     run_dir, seed, deps=[f"seed{seed}/{run}"], inputs=[estimators], defense=defense))
         for defense in defenses:
             run_dir = folder / f"eval-{defense}"
             checkpoint = folder / defense / "best.pt"

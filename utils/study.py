@@ -11,7 +11,7 @@ import numpy
 
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import number
-from utils.estimator_training import MI_VALUES_FILE
+from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_informativeness, verdict_line
 from utils.evaluation import row_accuracies
 from utils.pipeline import DEFENSES
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
@@ -154,6 +154,21 @@ def mi_runs(tasks: list) -> dict:
     return {kind: {name: numpy.concatenate(parts) for name, parts in values.items()} for kind, values in pooled.items()}
 
 
+def estimator_verdicts(tasks: list) -> list:
+    """Per stage-2 run, the test split's informativeness verdicts (mi_report.json), as markdown lines."""
+    lines = []
+    for task in tasks:
+        if task.kind not in ("estimators", "only-max"):
+            continue
+        verdicts = read_informativeness(task.run_dir / ESTIMATOR_FILE)
+        if verdicts is None:
+            lines.append(f"- `{task.name}`: no verdict (no mi_report.json)")
+            continue
+        lines.append(f"- `{task.name}`: {'informative' if verdicts['informative'] else '**not informative**'}: "
+                     f"{verdict_line(verdicts)}")
+    return lines
+
+
 def paper_markdown() -> str:
     lines = ["| Defense | None | PGD-40 | AA |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, (a, b, c) in PAPER_TABLE1.items()]
@@ -199,6 +214,8 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
              f"{invocation['machine']}.", "",
+             "## The MI estimators (stage 2, test split)", "",
+             *(estimator_verdicts(tasks) or ["none"]), "",
              "## The paper's Table 1 (CIFAR-10, ResNet-18), for orientation", "", paper_markdown(),
              "## Figures", ""]
     lines += [f"- `{name}`: {FIGURES[name]}" for name in written] or ["none"]
