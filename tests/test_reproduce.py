@@ -14,9 +14,10 @@ from tests.helpers import assert_one_line_error, run_script
 from utils.errors import UserError
 from utils.pipeline import MARKER, build_plan, resolve_config
 from utils.run_warnings import read_warnings
+from utils.estimator_training import verdict_line
 from utils.study import cell_stats, format_cell
 
-RUNNER = {"seeds": None, "defenses": None, "jobs": None, "curve_steps": None, "epsilons": None}
+RUNNER = {"seeds": None, "defenses": None, "jobs": None, "curve_steps": None, "epsilons": None, "namid_estimators": None}
 
 
 def plan(overrides=(), **runner):
@@ -31,11 +32,12 @@ def flag_value(argv, flag):
 
 def test_preset_overrides_reach_the_stage_scripts():
     config, tasks = plan(["train.epochs=7", "namid.alpha=2", "eval.attacks=pgd aa", "lr=0.01",
-                          "namid.no-adv-mi=true", "estimators.estimator-loss=paper"], seeds=[3])
+                          "namid.no-adv-mi=true", "estimators.estimator-loss=paper"], seeds=[3],
+                          namid_estimators="estimators")
     standard, namid = tasks["seed3/standard-at"].argv, tasks["seed3/namid"].argv
     estimators = tasks["seed3/estimators"].argv
     assert flag_value(standard, "--epochs") == "7" and flag_value(namid, "--epochs") == "7"
-    assert flag_value(estimators, "--epochs") == "2"  # train.* leaves the estimator stages alone
+    assert flag_value(estimators, "--epochs") == "5"  # train.* leaves the estimator stages alone
     assert flag_value(namid, "--alpha") == "2" and "--alpha" not in standard
     assert "--no-adv-mi" in namid and "--no-adv-mi" not in tasks["seed3/standard-at"].argv
     # a plain FLAG=VALUE goes to every stage script that has the flag
@@ -48,19 +50,27 @@ def test_preset_overrides_reach_the_stage_scripts():
 
 
 def test_plan_wires_every_defense_to_its_inputs():
-    _, tasks = plan()
-    assert flag_value(tasks["seed0/namid-t"].argv, "--estimators").endswith("seed0/estimators/estimators.pt")
-    assert flag_value(tasks["seed0/wmim"].argv, "--estimators").endswith("seed0/only-max/estimators.pt")
+    _, tasks = plan()  # the demo's NAMID family reads the only-max estimators (utils/presets.py)
+    for defense in ("namid", "namid-t", "namid-m", "wmim"):
+        assert flag_value(tasks[f"seed0/{defense}"].argv, "--estimators").endswith("seed0/only-max/estimators.pt")
+        assert "seed0/only-max" in tasks[f"seed0/{defense}"].deps
+    assert flag_value(tasks["seed0/only-max"].argv, "--lr") == "0.001" and "seed0/estimators" not in tasks
+    only_max = tasks["seed0/only-max"].argv  # the informative recipe: a constant lr (no milestone follows the flag)
+    assert only_max[only_max.index("--milestones") + 1].startswith("--")
+    _, wired = plan(namid_estimators="estimators")
+    assert flag_value(wired["seed0/namid-t"].argv, "--estimators").endswith("seed0/estimators/estimators.pt")
+    assert flag_value(wired["seed0/wmim"].argv, "--estimators").endswith("seed0/only-max/estimators.pt")
+    assert flag_value(wired["seed0/estimators"].argv, "--estimator-loss") == "paper-bounded"
     assert flag_value(tasks["seed0/wmim"].argv, "--mi-mode") == "wmim"
     assert flag_value(tasks["seed0/only-max"].argv, "--target-model").endswith("seed0/standard-at/best.pt")
     assert flag_value(tasks["seed0/mart"].argv, "--loss") == "mart"
     curve = tasks["seed0/curve-eps0.1"].argv
     assert flag_value(curve, "--epsilon") == "0.1" and flag_value(curve, "--attacks") == "pgd"
-    assert len(tasks) == 7 + 2 + 7 + 4  # trainings, estimators, evaluations, curve points
+    assert len(tasks) == 7 + 1 + 7 + 4  # trainings, estimators, evaluations, curve points
     # without NAMID-family defenses there are no estimators, but NAMID alone still needs Standard AT's target
     _, tasks = plan(defenses=["namid"])
     assert sorted(tasks) == ["seed0/curve-eps0.05", "seed0/curve-eps0.1", "seed0/curve-eps0.15", "seed0/curve-eps0.2",
-                             "seed0/estimators", "seed0/eval-namid", "seed0/namid", "seed0/standard-at"]
+                             "seed0/eval-namid", "seed0/namid", "seed0/only-max", "seed0/standard-at"]
 
 
 def test_transfer_adds_a_surrogate_trained_like_the_baselines():
@@ -85,6 +95,7 @@ def test_transfer_adds_a_surrogate_trained_like_the_baselines():
     (["namid.no-adv-mi=maybe"], {}, "expected true or false"),
     (["eval.attacks=pgd transfer"], {}, "the transfer attack needs a surrogate"),
     ([], {"defenses": ["fgsm-at"]}, "unknown defense 'fgsm-at'"),
+    ([], {"namid_estimators": "paper"}, "--namid-estimators: choose one of estimators, only-max"),
 ])
 def test_bad_configurations_are_refused(overrides, runner, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
@@ -172,7 +183,8 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     kept = [{"stage": f"seed0/{folder.name}", "message": message} for folder in (out / "seed0").iterdir()
             for message in read_warnings(folder)]
     assert sorted(kept, key=str) == sorted(results["warnings"], key=str)
-    assert any(w["stage"] == "seed0/estimators" for w in kept), "the 1-epoch estimators are expected to warn"
+    verdict = json.loads((out / "seed0" / "only-max" / "mi_report.json").read_text())["informativeness"]
+    assert verdict_line(verdict) in (out / "results.md").read_text()  # every estimator run's verdict, in results.md
     markdown = (out / "results.md").read_text()
     summary = result.stdout[result.stdout.index("warning(s) from the stages"):]
     for warning in kept:
@@ -181,7 +193,7 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     assert markdown.startswith("# demo: robust accuracy (%) on fashion-mnist, a single run (seed 0; no spread across "
                                "seeds), 100 test images per seed")
     assert result.stdout.startswith("demo: robust accuracy (%)")
-    for stage in ("standard-at", "estimators", "namid", "eval-namid", "curve-eps0.05"):
+    for stage in ("standard-at", "only-max", "namid", "eval-namid", "curve-eps0.05"):
         assert (out / "seed0" / stage / MARKER).is_file(), stage
         events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))
         assert events and all(path.stat().st_size > 0 for path in events), stage  # --tensorboard reached every stage
