@@ -89,8 +89,8 @@ MUTATIONS = {
         "utils/estimator_training.py", '"adversarial": ("E_a", "adv_mi_adv", "fooled",', '"adversarial": ("E_a", "adv_mi_adv", None,',
         ["tests/test_informativeness.py::test_collect_mi_reference_is_the_same_estimator_on_deranged_pairs"]),
     "verdict-ignores-the-shuffled-reference": (
-        "utils/estimator_training.py", "mean >= margin_constant and math.isfinite(gain) and gain >= margin_shuffled",
-        "mean >= margin_constant",
+        "utils/estimator_training.py", "    elif not (math.isfinite(gain) and gain >= margin_shuffled):",
+        "    elif False:",
         ["tests/test_informativeness.py::test_judge_estimator_by_hand"]),
     "stage3-accepts-uninformative-estimators": (
         "train_MIAT.py", "    if reason is None:\n        return True\n", "    if True:\n        return True\n",

@@ -1,6 +1,6 @@
 """Stage 2 (docs/method.md section 5): train the natural-MI and adversarial-MI estimators against a frozen target.
 
-Shared by train_MI_estimator.py (Eq. 5, or the published code's objective) and
+Shared by train_MI_estimator.py (Eq. 5, bounded or literal, or the published code's objective) and
 train_MI_estimator_only_max.py (Eq. 4); the scripts differ only in their objective and defaults.
 """
 import json
@@ -223,14 +223,17 @@ def judge_estimator(real, shuffled) -> dict:
     shuffled_mean, shuffled_se = _mean_and_se(shuffled)
     gain, gain_se = _mean_and_se(real - shuffled)  # paired: the same samples, the same batches
     margin_constant, margin_shuffled = max(SE_MARGIN * se, MIN_GAIN_NATS), max(SE_MARGIN * gain_se, MIN_GAIN_NATS)
-    passes = math.isfinite(mean) and mean >= margin_constant and math.isfinite(gain) and gain >= margin_shuffled
-    failing = [] if passes else [f"{mean:.3g} is not above the constant critic's 0 by {margin_constant:.3g}"
-                                 if not mean >= margin_constant else
-                                 f"it beats shuffled pairs by {gain:.3g}, not by {margin_shuffled:.3g}"]
-    return {"n": n, "mean": mean, "se": se, "constant_critic": 0.0, "shuffled_mean": shuffled_mean,
-            "shuffled_se": shuffled_se, "gain_over_shuffled": gain, "gain_se": gain_se,
-            "margin_over_constant": margin_constant, "margin_over_shuffled": margin_shuffled,
-            "verdict": "informative" if passes else "not informative", **({"reason": failing[0]} if failing else {})}
+    verdict = {"n": n, "mean": mean, "se": se, "constant_critic": 0.0, "shuffled_mean": shuffled_mean,
+               "shuffled_se": shuffled_se, "gain_over_shuffled": gain, "gain_se": gain_se,
+               "margin_over_constant": margin_constant, "margin_over_shuffled": margin_shuffled,
+               "verdict": "not informative"}
+    if not (math.isfinite(mean) and mean >= margin_constant):
+        verdict["reason"] = f"{mean:.3g} is not above the constant critic's 0 by {margin_constant:.3g}"
+    elif not (math.isfinite(gain) and gain >= margin_shuffled):
+        verdict["reason"] = f"it beats shuffled pairs by {gain:.3g}, not by {margin_shuffled:.3g}"
+    else:
+        verdict["verdict"] = "informative"
+    return verdict
 
 
 def informativeness(values) -> dict:
