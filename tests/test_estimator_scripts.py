@@ -52,12 +52,12 @@ def test_end_to_end_outputs_and_frozen_target(fmnist_dir, tiny_target, tmp_path,
         assert maximised["mi_selection"] == pytest.approx(float(natural + adversarial) / 2, rel=1e-5, abs=1e-6)
         # the informativeness check: E_n on all samples, E_a on the fooled ones, each against its shuffled pairs
         verdicts = report["informativeness"]
-        for name, quantity, mask in (("natural", "nat_mi_clean", numpy.ones_like(fooled)), ("adversarial", "adv_mi_adv", fooled)):
+        for judged, quantity, mask in (("natural", "nat_mi_clean", numpy.ones_like(fooled)), ("adversarial", "adv_mi_adv", fooled)):
             real, shuffled = values[quantity][mask], values[f"{quantity}_shuffled"][mask]
-            assert verdicts[name]["n"] == int(mask.sum())
-            assert verdicts[name]["mean"] == pytest.approx(float(real.mean()), rel=1e-5, abs=1e-6)
-            assert verdicts[name]["se"] == pytest.approx(float(real.std(ddof=1) / numpy.sqrt(len(real))), rel=1e-4)
-            assert verdicts[name]["shuffled_mean"] == pytest.approx(float(shuffled.mean()), rel=1e-5, abs=1e-6)
+            assert verdicts[judged]["n"] == int(mask.sum())
+            assert verdicts[judged]["mean"] == pytest.approx(float(real.mean()), rel=1e-5, abs=1e-6)
+            assert verdicts[judged]["se"] == pytest.approx(float(real.std(ddof=1) / numpy.sqrt(len(real))), rel=1e-4)
+            assert verdicts[judged]["shuffled_mean"] == pytest.approx(float(shuffled.mean()), rel=1e-5, abs=1e-6)
         assert verdicts["informative"] == all(verdicts[n]["verdict"] == "informative" for n in ("natural", "adversarial"))
         assert "test set: E_n" in console and "epoch 2 held-out: E_n" in console
         assert ("the estimators are not informative" in printed) == (not verdicts["informative"])

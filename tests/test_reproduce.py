@@ -182,7 +182,8 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     # every stage's warnings, with the stage that raised them, in results.json, results.md and the closing summary
     kept = [{"stage": f"seed0/{folder.name}", "message": message} for folder in (out / "seed0").iterdir()
             for message in read_warnings(folder)]
-    assert sorted(kept, key=str) == sorted(results["warnings"], key=str)
+    by_stage = lambda warnings: sorted(warnings, key=lambda w: (w["stage"], w["message"]))  # noqa: E731
+    assert by_stage(kept) == by_stage(results["warnings"])
     verdict = json.loads((out / "seed0" / "only-max" / "mi_report.json").read_text())["informativeness"]
     assert verdict_line(verdict) in (out / "results.md").read_text()  # every estimator run's verdict, in results.md
     markdown = (out / "results.md").read_text()
