@@ -176,6 +176,16 @@ def test_stage3_refuses_uninformative_estimators_unless_allowed(fmnist_dir, tiny
     assert config["estimators_informativeness"]["adversarial"]["verdict"] == "not informative"
     assert any("not judged informative" in w for w in read_warnings(allowed))
     assert torch.load(allowed / "best.pt", weights_only=True)["estimators_informative"] is False
+    # ... and the evaluation flags its row
+    import test_comparison
+    out = tmp_path / "eval"
+    assert test_comparison.main(["--checkpoints", str(allowed / "best.pt"), str(tmp_path / "wmim" / "best.pt"),
+                                 "--data-dir", str(fmnist_dir), "--test-limit", "10", "--attacks", "pgd", "--pgd-steps", "1",
+                                 "--device", "cpu", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [m["trained_with"]["estimators_informative"] for m in results["models"]] == [False, True]
+    flagged = [line for line in (out / "results.md").read_text().splitlines() if "did not judge informative" in line]
+    assert len(flagged) == 1 and "NAMID" in flagged[0] and "WMIM" not in flagged[0]
 
 
 def test_stage3_accepts_informative_estimators(fmnist_dir, tiny_estimators, tmp_path):
