@@ -56,9 +56,12 @@ def add_estimator_args(parser, default_epochs: int, model_dir_hint: str):
     group.add_argument("--mi-measure", choices=MI_MEASURES, default="dv", help="Donsker-Varadhan, Jensen-Shannon or InfoNCE")
     group.add_argument("--epochs", type=positive_int, default=default_epochs)
     group.add_argument("--batch-size", type=positive_int, default=None, help="default: the dataset's (1024 colour, 128 MNIST-like)")
-    group.add_argument("--lr", type=positive_number, default=1e-2)
+    group.add_argument("--lr", type=positive_number, default=1e-2,
+                       help="the MNIST-like presets use 1e-3 with no milestone: informative estimators where this "
+                            "schedule stalled them (docs/method.md section 9)")
     group.add_argument("--milestones", type=positive_int, nargs="*", default=None,
-                       help="epochs where the lr is divided by 10 (default: 40%% and 80%% of --epochs)")
+                       help="epochs where the lr is divided by 10 (default: 40%% and 80%% of --epochs; the flag "
+                            "alone: a constant lr)")
     group.add_argument("--lr-gamma", type=positive_number, default=0.1)
     group.add_argument("--report-only", action="store_true",
                        help="no training: rewrite mi_report.json and the plot from --model-dir's estimators.pt")
