@@ -166,6 +166,9 @@ def test_stage3_refuses_uninformative_estimators_unless_allowed(fmnist_dir, tiny
     missing.mkdir()
     shutil.copy(tiny_estimators, missing / "estimators.pt")
     assert_one_line_error(run_script("train_MIAT.py", stage3_args(fmnist_dir, missing / "estimators.pt", tmp_path / "r2")), "--report-only")
+    for broken in ('{"informativeness": {"natural": 1}}', '[1, 2]', '{"informativeness": "yes"}', "{not json"):
+        (missing / REPORT_FILE).write_text(broken)
+        assert "--report-only" in uninformative_reason(missing / "estimators.pt"), broken
     # WMIM reads only E_n, so only E_n is judged for it
     assert train_MIAT.main(stage3_args(fmnist_dir, bad, tmp_path / "wmim", "--mi-mode", "wmim")) == 0
 

@@ -121,9 +121,10 @@ def read_informativeness(estimators_path):
     (no report, or one written before the check existed)."""
     report = Path(estimators_path).parent / REPORT_FILE
     try:
-        return json.loads(report.read_text()).get("informativeness")
-    except (OSError, ValueError):
+        verdicts = json.loads(report.read_text()).get("informativeness")
+    except (OSError, ValueError, AttributeError):
         return None
+    return verdicts if isinstance(verdicts, dict) else None
 
 
 def uninformative_reason(estimators_path, needed=tuple(JUDGED)):
@@ -133,8 +134,9 @@ def uninformative_reason(estimators_path, needed=tuple(JUDGED)):
     if verdicts is None:
         return (f"{folder / REPORT_FILE} holds no informativeness verdict (rewrite it with the stage-2 script's "
                 f"--report-only --model-dir {folder} --target-model ...)")
-    failing = [name for name in needed if verdicts[name]["verdict"] != "informative"]
-    if not failing:
+    if not all(isinstance(verdicts.get(name), dict) and "verdict" in verdicts[name] for name in JUDGED):
+        return f"{folder / REPORT_FILE} has an unreadable informativeness section (rewrite it with --report-only)"
+    if all(verdicts[name]["verdict"] == "informative" for name in needed):
         return None
     return f"{folder / REPORT_FILE}: {verdict_line(verdicts)}"
 
