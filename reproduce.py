@@ -26,7 +26,7 @@ from pathlib import Path
 from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
 from utils.errors import UserError, run_main
-from utils.pipeline import DEFENSES, build_plan, check_command_lines, execute, recorded_seconds, resolve_config, task_state
+from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, build_plan, check_command_lines, execute, recorded_seconds, resolve_config, task_state
 from utils.presets import PRESETS
 
 
@@ -46,7 +46,7 @@ def build_parser():
     group.add_argument("--epsilons", type=budget_as_written, nargs="*", default=None,
                        help="L-inf budgets of the robust-accuracy-against-epsilon curve (default: the preset's; the flag "
                             "alone: no curve)")
-    group.add_argument("--namid-estimators", choices=("estimators", "only-max"), default=None,
+    group.add_argument("--namid-estimators", choices=ESTIMATOR_RUNS, default=None,
                        help="the stage-2 run NAMID, NAMID-T and NAMID-M read: train_MI_estimator.py's (estimators) or "
                             "train_MI_estimator_only_max.py's (default: the preset's; WMIM always reads only-max)")
     group.add_argument("--curve-steps", type=positive_int, default=None,

@@ -267,11 +267,10 @@ def verdict_line(report) -> str:
     return "; ".join(parts)
 
 
-def held_out_row(values, prefix="val") -> dict:
-    """The selection criterion and its parts, the four MI means over all held-out samples and over the
-    selected set X', its size and the objective."""
+def held_out_row(values, verdicts, prefix="val") -> dict:
+    """The selection criterion and its parts, the informativeness verdicts (informativeness(values)), the
+    four MI means over all held-out samples and over the selected set X', its size and the objective."""
     row = {f"{prefix}_{key}": value for key, value in maximised_estimates(values).items()}
-    verdicts = informativeness(values)
     for name in JUDGED:
         r, short = verdicts[name], JUDGED[name][0].replace("_", "")
         row.update({f"{prefix}_{short}_{key}": r.get(key, float("nan")) for key in ("mean", "se", "shuffled_mean")})
@@ -423,8 +422,9 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
         # One attack seed for every epoch: epochs are compared on the estimators, not on attack noise.
         values = collect_mi(estimators, target, val_loader, attack, objective, device, args.seed, args.mi_measure,
                             args.amp, desc="val")
-        row = {**row, **held_out_row(values)}
-        tqdm.write(f"epoch {epoch + 1} held-out: {verdict_line(informativeness(values))}")
+        verdicts = informativeness(values)
+        row = {**row, **held_out_row(values, verdicts)}
+        tqdm.write(f"epoch {epoch + 1} held-out: {verdict_line(verdicts)}")
         return row
 
     run.fit(run_epoch)

@@ -35,7 +35,8 @@ SCRIPTS = {"standard": "train_standard.py", "estimators": "train_MI_estimator.py
 # Sections a --set may name, with the stage script whose flags they take.
 SECTIONS = {"standard": "standard", "estimators": "estimators", "only-max": "only-max", "namid": "namid",
             "eval": "eval", "surrogate": "standard"}
-SECTION_GROUPS = {"train": ("standard", "namid"), "mi": ("estimators", "only-max")}
+ESTIMATOR_RUNS = ("estimators", "only-max")  # the two stage-2 runs (and sections)
+SECTION_GROUPS = {"train": ("standard", "namid"), "mi": ESTIMATOR_RUNS}
 # Flags the runner sets itself, per run: overriding them would break the study's wiring.
 RUNNER_OWNED = {"model-dir", "model_dir", "out-dir", "target-model", "estimators", "checkpoints", "surrogate",
                 "resume", "seed", "loss", "base-loss", "mi-mode", "labels", "report-only", "device", "data-dir",
@@ -60,16 +61,13 @@ DEFENSES = {
     "wmim": Defense("WMIM", "namid", ("--mi-mode", "wmim"), "only-max"),
 }
 assert tuple(DEFENSES) == ALL_DEFENSES
-ESTIMATOR_RUNS = ("estimators", "only-max")
 
 
 def estimators_for(config: dict, defense: str):
     """The stage-2 run a defense reads: NAMID, NAMID-T and NAMID-M read config["namid_estimators"]
-    (train_MI_estimator.py's run, or the only-max one), WMIM always the only-max run."""
+    (train_MI_estimator.py's run, or the only-max one; resolve_config sets it), WMIM always the only-max run."""
     wanted = DEFENSES[defense].estimators
-    if wanted == "estimators":
-        return config.get("namid_estimators") or "estimators"
-    return wanted
+    return config["namid_estimators"] if wanted == "estimators" else wanted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +170,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
         raise UserError(f"--defenses: unknown defense {unknown[0]!r} (defenses: {', '.join(DEFENSES)})")
     if not config["defenses"]:
         raise UserError("--defenses: name at least one defense")
-    if config.get("namid_estimators", "estimators") not in ESTIMATOR_RUNS:
+    config["namid_estimators"] = config.get("namid_estimators") or "estimators"
+    if config["namid_estimators"] not in ESTIMATOR_RUNS:
         raise UserError(f"--namid-estimators: choose one of {', '.join(ESTIMATOR_RUNS)}")
     if "transfer" in attack_list(config) and config.get("surrogate") is None:
         raise UserError("the transfer attack needs a surrogate: add --set surrogate.arch=vgg19 "

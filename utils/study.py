@@ -13,7 +13,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import number
 from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_informativeness, verdict_line
 from utils.evaluation import row_accuracies
-from utils.pipeline import DEFENSES
+from utils.pipeline import DEFENSES, ESTIMATOR_RUNS
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
 from utils.run_warnings import read_warnings
 
@@ -147,7 +147,7 @@ def mi_runs(tasks: list) -> dict:
     pooled = {}
     for task in tasks:
         path = task.run_dir / MI_VALUES_FILE
-        if task.kind in ("estimators", "only-max") and path.is_file():
+        if task.kind in ESTIMATOR_RUNS and path.is_file():
             with numpy.load(path) as data:
                 for name in data.files:
                     pooled.setdefault(task.kind, {}).setdefault(name, []).append(data[name])
@@ -158,7 +158,7 @@ def estimator_verdicts(tasks: list) -> list:
     """Per stage-2 run, the test split's informativeness verdicts (mi_report.json), as markdown lines."""
     lines = []
     for task in tasks:
-        if task.kind not in ("estimators", "only-max"):
+        if task.kind not in ESTIMATOR_RUNS:
             continue
         verdicts = read_informativeness(task.run_dir / ESTIMATOR_FILE)
         if verdicts is None:
