@@ -26,8 +26,10 @@ from pathlib import Path
 from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
 from utils.errors import UserError, run_main
-from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, build_plan, check_command_lines, execute, recorded_seconds, resolve_config, task_state
+from utils.pipeline import (DEFENSES, ESTIMATOR_RUNS, Launch, build_plan, check_command_lines, default_jobs, execute,
+                            recorded_seconds, resolve_config, resolve_launch, task_state)
 from utils.presets import PRESETS
+from utils.slurm import RESULTS, require_finished_stages, run_only_stage, study_arguments, submit_study
 
 
 def build_parser():
@@ -54,11 +56,33 @@ def build_parser():
     group = parser.add_argument_group("runtime")
     group.add_argument("--out", default=None, help="study folder (default checkpoints/reproduce_<preset>)")
     group.add_argument("--jobs", type=positive_int, default=None,
-                       help="stages run at once (default: the preset's; each gets cores / jobs CPU threads)")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+                       help="stages run at once (default: one per --gpus-per-stage GPUs of --devices when there are "
+                            "GPUs, else the preset's; on the CPU each gets cores / jobs threads)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (with GPUs, --devices says which)")
+    group.add_argument("--devices", nargs="+", default=None, metavar="ID",
+                       help="the GPUs to share out: each running stage sees only its own through CUDA_VISIBLE_DEVICES "
+                            "(default: every visible CUDA device when --device is auto or cuda; none on the CPU)")
+    group.add_argument("--gpus-per-stage", type=positive_int, default=1, metavar="K",
+                       help="run each stage under torchrun with K processes, one per GPU of its share (stage 4 shards "
+                            "the test images over them); on the CPU, K gloo processes")
     group.add_argument("--data-dir", default="data", help="where datasets live, in torchvision's layout")
     group.add_argument("--tensorboard", action="store_true", help="every stage also logs to <its folder>/tensorboard")
     group.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the plan; run nothing")
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: run the stages here; slurm: submit each stage as a SLURM job (after the jobs of "
+                            "the stages it reads) and a final job that writes the table, then return. Needs --device "
+                            "cuda (each job asks for --gres=gpu:K, K = --gpus-per-stage) or --device cpu")
+    group.add_argument("--slurm-args", default="", metavar="'FLAGS'",
+                       help="sbatch flags for every job, e.g. --slurm-args='--partition=gpu --account=lab "
+                            "--time=24:00:00' (default: none)")
+    group.add_argument("--cpus-per-stage", type=positive_int, default=None, metavar="N",
+                       help="--cpus-per-task of each stage's job (default: the cluster's)")
+    group.add_argument("--wait", action="store_true", help="with --launcher slurm: return when the final job has ended")
+    group.add_argument("--only-stage", default=None, metavar="STAGE",
+                       help="run only this stage of the plan, here (skipped when done, resumed when interrupted), or "
+                            f"only write the table from the finished stages ({RESULTS}); what each SLURM job runs "
+                            "(default: every stage, then the table)")
     return parser
 
 
@@ -76,14 +100,14 @@ def budget_as_written(text: str) -> str:
     return text.strip()
 
 
-def describe_plan(tasks) -> str:
+def describe_plan(tasks, launch: Launch) -> str:
     lines = []
     for task in tasks:
         try:
             state = task_state(task)
         except UserError as error:
             state = f"conflict: {error}"
-        lines.append(f"[{state}] {task.name}: {shlex.join(['python3', task.script, *task.argv])}")
+        lines.append(f"[{state}] {task.name}: {shlex.join(['python3', *launch.command(task)[1:]])}")
     return "\n".join(lines)
 
 
@@ -94,17 +118,31 @@ def main(argv=None):
               "epsilons": args.epsilons, "namid_estimators": args.namid_estimators}
     config = resolve_config(args.preset, args.overrides, runner)
     out = Path(args.out or f"checkpoints/reproduce_{args.preset}")
+    # a SLURM job, and the submission, take the GPUs the scheduler gives: only a local run shares out this machine's
+    shares_gpus = args.launcher == "local" and args.only_stage is None
+    launch = (resolve_launch(args.device, args.devices, args.gpus_per_stage) if shares_gpus
+              else Launch(per_stage=args.gpus_per_stage))
+    if args.jobs is None:
+        config["jobs"] = default_jobs(launch, config["jobs"])
+    config["launch"] = {"devices": list(launch.devices), "gpus_per_stage": launch.per_stage}
     tasks = build_plan(config, out, args.device, args.data_dir, args.tensorboard)
     check_command_lines(tasks)
+    if args.launcher == "slurm":
+        return submit_study(tasks, out, argv, args)
     if args.dry_run:
         print(json.dumps(config, indent=2))
-        print(describe_plan(tasks))
+        print(describe_plan(tasks, launch))
         return 0
+    if args.only_stage == RESULTS:  # the final SLURM job: the table from the finished stages, never a stage itself
+        require_finished_stages(tasks)
+        argv = study_arguments(argv)
+    elif args.only_stage is not None:
+        return run_only_stage(tasks, args.only_stage, out / "logs", args.gpus_per_stage)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
     started = time.perf_counter()
     try:
-        ran = execute(tasks, config["jobs"], out / "logs")
+        ran = execute(tasks, config["jobs"], out / "logs", launch)
     except KeyboardInterrupt:
         print("reproduce.py: interrupted; run the same command again to finish the study (finished stages are "
               "skipped, the interrupted one resumes)", file=sys.stderr)

@@ -7,12 +7,17 @@ PGD-40 adversarials transferred from a --surrogate checkpoint. Architecture, dat
 come from each checkpoint. Writes results.json, results.csv and results.md (the paper's Table 1 layout,
 plus the per-example worst case of each threat model) into --out-dir.
 
+Under torchrun (torchrun --standalone --nproc_per_node K test_comparison.py ...) the test batches are shared
+out over the K processes and their per-example results gathered; rank 0 writes the same files as a single
+process would, example for example (every batch is seeded by its index, not by the process that runs it).
+
 Example (Fashion-MNIST, two stage-1 runs, 1000 test images):
     python test_comparison.py --checkpoints checkpoints/standard_fashion-mnist_small-cnn_at_linf_seed0/best.pt \\
         checkpoints/standard_fashion-mnist_small-cnn_trades_linf_seed0/best.pt --test-limit 1000
 """
 import csv
 import io
+import os
 import shlex
 import sys
 import time
@@ -24,14 +29,14 @@ from tqdm import tqdm
 from utils import distributed
 from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
-from utils.data import dataset_info, load_splits, make_loader
+from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
 from utils.evaluation import (ATTACK_NAMES, WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
                               clean_predictions, fwa_default_radius, markdown_table, run_attack,
-                              row_accuracies, run_transfer, sanity_warnings, table_columns, tidim_default_kernel,
-                              worst_case)
+                              row_accuracies, run_transfer, sanity_warnings, sharded_loader, table_columns,
+                              tidim_default_kernel, worst_case)
 from utils.run_warnings import RunWarnings
-from utils.runtime import git_commit, package_versions, resolve_device
+from utils.runtime import git_commit, package_versions
 from utils.training import load_model
 
 BASE_LOSS_LABELS = {"at": "Standard AT", "trades": "TRADES", "mart": "MART"}
@@ -318,6 +323,7 @@ def run_summary(args, argv, info, splits, attacks, columns, surrogate_label, dev
     return {
         "dataset": info.name, "test_images": len(splits.test), "test_limit": args.test_limit,
         "test_indices": list(splits.test.indices), "seed": args.seed, "device": str(device), "amp": args.amp,
+        "processes": distributed.world_size(), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "epsilon_linf": args.epsilon, "epsilon_l2": args.epsilon_l2, "fwa_radius": args.fwa_radius,
         "attacks": {name: {"column": a.column, "threat": a.threat, "white_box": a.white_box, "budget": a.bound,
                            "seed": attack_seed(args.seed, name), "settings": a.settings} for name, a in attacks.items()},
@@ -329,17 +335,23 @@ def run_summary(args, argv, info, splits, attacks, columns, surrogate_label, dev
     }
 
 
+def report(line: str):
+    """A line of progress on the terminal, from rank 0 only."""
+    if distributed.is_main():
+        tqdm.write(line)
+
+
 def evaluate_white_box(label, model, attacks, loader, device, args, after_each_attack):
     """Clean predictions and every white-box attack on one model; after_each_attack(clean, results)."""
     clean = clean_predictions(model, loader, device, args.amp, desc=f"{label}: clean")
-    tqdm.write(f"{label}: clean {clean.accuracy:.2%}")
+    report(f"{label}: clean {clean.accuracy:.2%}")
     results = {}
     for name, attack in attacks.items():
         if not attack.white_box:
             continue
         results[name] = run_attack(model, attack, loader, device, args.amp, attack_seed(args.seed, name),
                                    desc=f"{label}: {attack.column}")
-        tqdm.write(f"{label}: {attack.column} {results[name].accuracy:.2%} ({results[name].seconds:.1f} s)")
+        report(f"{label}: {attack.column} {results[name].accuracy:.2%} ({results[name].seconds:.1f} s)")
         after_each_attack(clean, results)
     return clean, results
 
@@ -352,11 +364,11 @@ def main(argv=None):
         parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     started = time.perf_counter()
     script = Path(__file__).name
-    distributed.refuse_torchrun(script)
     args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
     if args.surrogate:
         args.surrogate = checkpoint_in(args.surrogate, "best.pt", script)
-    device = resolve_device(args.device)
+    # Every input is checked before the processes join their group, so that bad input stops them all alike.
+    device = distributed.process_device(args.device)
 
     loaded = load_models(args.checkpoints, device)
     surrogate = load_models([args.surrogate], device)[0] if args.surrogate else None
@@ -371,46 +383,74 @@ def main(argv=None):
     surrogate_label = defense_label(surrogate[1], args.surrogate) if surrogate else None
     columns = table_columns(args.attacks, attacks, f"transfer (from {surrogate_label})" if surrogate else None)
     out_dir = prepare_out_dir(args.out_dir)
-    warnings = RunWarnings()
-    warnings.keep_in(out_dir, fresh=True)  # this evaluation's warnings replace an earlier one's
 
-    splits = load_splits(info.name, args.data_dir, val_size=0, train_limit=1, test_limit=args.test_limit,
-                         seed=args.seed, augment=False)
-    if len(splits.test) == 0:
-        raise UserError("the test split is empty")
-    loader = make_loader(splits.test, args.batch_size, shuffle=False, workers=args.workers, seed=args.seed, device=device)
-    summary = run_summary(args, argv, info, splits, attacks, columns, surrogate_label, device)
-
-    records, cleans, results_by_model = [], [], []
-    for label, path, (model, checkpoint) in zip(labels, args.checkpoints, loaded):
-        def save_progress(clean, results):  # an interrupted run keeps every finished attack
-            partial = records + [model_record(label, path, checkpoint, clean, results, attacks)]
-            write_outputs(out_dir, summary, partial, columns, attacks, final=False)
-        clean, results = evaluate_white_box(label, model, attacks, loader, device, args, save_progress)
-        records.append(model_record(label, path, checkpoint, clean, results, attacks))
-        cleans.append(clean)
-        results_by_model.append(results)
-
-    if surrogate is not None:
-        transferred = run_transfer(surrogate[0], [model for model, _ in loaded], attacks["transfer"], loader, device,
-                                   args.amp, attack_seed(args.seed, "transfer"))
-        for index, result in enumerate(transferred):
-            results_by_model[index]["transfer"] = result
-            records[index] = model_record(labels[index], args.checkpoints[index], loaded[index][1], cleans[index],
-                                          results_by_model[index], attacks)
-            tqdm.write(f"{labels[index]}: {columns[-1][1]} {result.accuracy:.2%}")
-
-    for label, clean, results in zip(labels, cleans, results_by_model):
-        for line in sanity_warnings(label, clean, results, attacks):
-            warnings.warn(line)
-            summary["warnings"].append(line)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    write_outputs(out_dir, summary, records, columns, attacks, final=True)
-    if args.tensorboard:
-        write_tensorboard(out_dir, records, columns, (out_dir / "results.md").read_text())
-    print(markdown_table(labels, columns, [row_accuracies(record) for record in records]), end="")
-    print(f"results in {out_dir}/results.json, results.csv, results.md")
+    device = distributed.setup(args.device)
+    try:
+        splits = distributed.main_process_first(lambda: load_splits(
+            info.name, args.data_dir, val_size=0, train_limit=1, test_limit=args.test_limit, seed=args.seed,
+            augment=False))
+        if len(splits.test) == 0:
+            raise UserError("the test split is empty")
+        loader = sharded_loader(splits.test, args.batch_size, workers=args.workers, device=device,
+                                rank=distributed.rank(), world_size=distributed.world_size())
+        summary = run_summary(args, argv, info, splits, attacks, columns, surrogate_label, device)
+        run = Evaluation(out_dir, summary, columns, attacks, labels)
+        run.evaluate(loaded, surrogate, loader, device, args)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        run.finish(args.tensorboard)
+    finally:
+        distributed.cleanup()
     return 0
+
+
+class Evaluation:
+    """The rows of the table as they are evaluated; only rank 0 writes them, warns and prints. Every
+    process holds the same rows (the results are gathered after each attack)."""
+
+    def __init__(self, out_dir: Path, summary: dict, columns, attacks: dict, labels):
+        self.out_dir, self.summary, self.columns, self.attacks, self.labels = out_dir, summary, columns, attacks, labels
+        self.records, self.cleans, self.results_by_model = [], [], []
+        self.warnings = RunWarnings()
+        if distributed.is_main():
+            self.warnings.keep_in(out_dir, fresh=True)  # this evaluation's warnings replace an earlier one's
+
+    def write(self, records, final: bool):
+        if distributed.is_main():
+            write_outputs(self.out_dir, self.summary, records, self.columns, self.attacks, final)
+
+    def evaluate(self, loaded, surrogate, loader, device, args):
+        paths = args.checkpoints
+        for label, path, (model, checkpoint) in zip(self.labels, paths, loaded):
+            def save_progress(clean, results):  # an interrupted run keeps every finished attack
+                self.write(self.records + [model_record(label, path, checkpoint, clean, results, self.attacks)],
+                           final=False)
+            clean, results = evaluate_white_box(label, model, self.attacks, loader, device, args, save_progress)
+            self.records.append(model_record(label, path, checkpoint, clean, results, self.attacks))
+            self.cleans.append(clean)
+            self.results_by_model.append(results)
+
+        if surrogate is not None:
+            transferred = run_transfer(surrogate[0], [model for model, _ in loaded], self.attacks["transfer"], loader,
+                                       device, args.amp, attack_seed(args.seed, "transfer"))
+            for index, result in enumerate(transferred):
+                self.results_by_model[index]["transfer"] = result
+                self.records[index] = model_record(self.labels[index], paths[index], loaded[index][1],
+                                                   self.cleans[index], self.results_by_model[index], self.attacks)
+                report(f"{self.labels[index]}: {self.columns[-1][1]} {result.accuracy:.2%}")
+
+    def finish(self, tensorboard: bool):
+        """The warnings, the final results.json, .csv and .md (and TensorBoard run), and the table on the terminal."""
+        if not distributed.is_main():
+            return
+        for label, clean, results in zip(self.labels, self.cleans, self.results_by_model):
+            for line in sanity_warnings(label, clean, results, self.attacks):
+                self.warnings.warn(line)
+                self.summary["warnings"].append(line)
+        self.write(self.records, final=True)
+        if tensorboard:
+            write_tensorboard(self.out_dir, self.records, self.columns, (self.out_dir / "results.md").read_text())
+        print(markdown_table(self.labels, self.columns, [row_accuracies(record) for record in self.records]), end="")
+        print(f"results in {self.out_dir}/results.json, results.csv, results.md")
 
 
 def _main_interruptible(argv=None):

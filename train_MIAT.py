@@ -63,7 +63,7 @@ def build_parser():
     add_model_args(parser)
     add_optimizer_args(parser)
     add_attack_args(parser)
-    add_runtime_args(parser, "checkpoints/namid_<mi-mode>_<dataset>_<arch>_<base-loss>_<norm>_seed<seed>")
+    add_runtime_args(parser, "checkpoints/namid_<mi-mode>_<dataset>_<arch>_<base-loss>_<norm>_seed<seed>", fast_path=True)
     return parser
 
 

@@ -26,7 +26,7 @@ def build_parser():
     group.add_argument("--loss", choices=BASE_LOSSES, default="at",
                        help="at: Standard AT (Madry); trades: TRADES; mart: MART")
     group.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term of TRADES / MART")
-    add_runtime_args(parser, "checkpoints/standard_<dataset>_<arch>_<loss>_<norm>_seed<seed>")
+    add_runtime_args(parser, "checkpoints/standard_<dataset>_<arch>_<loss>_<norm>_seed<seed>", fast_path=True)
     return parser
 
 

@@ -31,16 +31,16 @@ MUTATIONS = {
         'kwargs = dict(norm="Linf", eps=epsilon, version="plus", seed=seed, device=x.device)',
         ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
     "autoattack-fewer-iterations": (
-        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
-        "            adversary = cls(model, **kwargs)\n            adversary.apgd.n_iter = 10\n",
+        "utils/evaluation.py", "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n",
+        "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n            adversary.apgd.n_iter = 10\n",
         ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
     "autoattack-fewer-square-queries": (
-        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
-        "            adversary = cls(model, **kwargs)\n            adversary.square.n_queries = 1000\n",
+        "utils/evaluation.py", "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n",
+        "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n            adversary.square.n_queries = 1000\n",
         ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
     "autoattack-attack-list": (
-        "utils/evaluation.py", "            adversary = cls(model, **kwargs)\n",
-        "            adversary = cls(model, **kwargs)\n            adversary.attacks_to_run = ['apgd-ce', 'apgd-t']\n",
+        "utils/evaluation.py", "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n",
+        "            adversary = cls(Float32Logits(model).eval(), **kwargs)\n            adversary.attacks_to_run = ['apgd-ce', 'apgd-t']\n",
         ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
     "wmim-on-clean-x": (
         "utils/namid.py", 'local_adv_image = local_encoding(estimators["natural"], x_adv)',
@@ -55,8 +55,8 @@ MUTATIONS = {
         "        if value is None:\n            return True\n",
         ["tests/test_training.py"]),
     "transfer-crafted-on-the-target": (
-        "utils/evaluation.py", "                predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)\n                robust[index]",
-        "                predicted, has_nan = predictions(model, attack.craft(model, x, y, generator).x_adv, device, amp)\n                robust[index]",
+        "utils/evaluation.py", "                predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)\n                target_outcomes",
+        "                predicted, has_nan = predictions(model, attack.craft(model, x, y, generator).x_adv, device, amp)\n                target_outcomes",
         ["tests/test_evaluation.py::test_transfer_crafts_on_the_surrogate_and_checks_the_budget"]),
     "estimators-in-bf16-under-amp": (
         "utils/mi.py", "    with torch.autocast(device_type=tensor.device.type, enabled=False):\n        yield",
@@ -104,6 +104,37 @@ MUTATIONS = {
     "min-selected-ignored": (
         "utils/namid.py", "if int(selected.sum()) < max(min_selected, 1) or not which:", "if not selected.any() or not which:",
         ["tests/test_namid.py::test_l_mi_is_off_in_batches_whose_selection_is_smaller_than_min_selected"]),
+    "running-stages-share-a-gpu": (
+        "utils/pipeline.py", "group = free_groups.pop(0)", "group = free_groups[0]",
+        ["tests/test_launch.py::test_running_stages_never_share_a_gpu"]),
+    "stage2-gradients-not-averaged": (
+        "utils/estimator_training.py", "        distributed.average_gradients_before_each_step(optimizer)\n", "",
+        ["tests/test_estimator_scripts.py::test_two_process_torchrun_averages_the_estimators_and_judges_every_held_out_sample"]),
+    "evaluation-batches-share-one-seed": (
+        "utils/evaluation.py", "return (seed * 7_919 + batch_index) % (2 ** 62)", "return seed",
+        ["tests/test_sharded_eval.py::test_a_batch_gets_the_same_adversarials_whichever_process_attacks_it"]),
+    "evaluation-seeded-per-process": (
+        "utils/evaluation.py", "    seed = batch_seed(seed, batch_index)\n", "    seed = seed + distributed.rank()\n",
+        ["tests/test_sharded_eval.py::test_a_batch_gets_the_same_adversarials_whichever_process_attacks_it"]),
+    "sharded-evaluation-not-gathered": (
+        "utils/distributed.py", "    dist.all_gather_object(gathered, obj)\n    return gathered",
+        "    return [obj] + [[] for _ in range(dist.get_world_size() - 1)]",
+        ["tests/test_sharded_eval.py::test_two_processes_write_the_single_process_results"]),
+    "slurm-no-dependencies": (
+        "utils/slurm.py", "after_ok=[by_name[dep] for dep in task.deps if dep in by_name])", "after_ok=[])",
+        ["tests/test_slurm.py::test_each_stage_is_a_job_after_the_jobs_of_the_stages_it_reads"]),
+    "slurm-done-stages-get-jobs": (
+        "utils/slurm.py", 'if task_state(task) == "done" and not any', 'if False and not any',
+        ["tests/test_slurm.py::test_finished_stages_get_no_job_and_are_no_dependency"]),
+    "slurm-queued-jobs-submitted-again": (
+        "utils/slurm.py", "        job.id, job.reused = queued[0][0], True\n", "        pass\n",
+        ["tests/test_slurm.py::test_a_resubmission_depends_on_the_jobs_still_queued_instead_of_submitting_them_again"]),
+    "autoattack-sees-bf16-logits": (
+        "utils/evaluation.py", "adversary = cls(Float32Logits(model).eval(), **kwargs)", "adversary = cls(model, **kwargs)",
+        ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "stage2-held-out-values-of-rank-0-only": (
+        "utils/estimator_training.py", "distributed.interleave_shards(torch.cat(chunks))", "torch.cat(chunks)",
+        ["tests/test_estimator_scripts.py::test_two_process_torchrun_averages_the_estimators_and_judges_every_held_out_sample"]),
 }
 
 

@@ -1,5 +1,8 @@
 """train_MI_estimator.py and train_MI_estimator_only_max.py end to end: outputs, frozen target, resume, bad input."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy
 import pytest
@@ -12,6 +15,8 @@ from tests.helpers import (assert_all_float32_without_autocast, assert_one_line_
 from utils.mi import QUANTITIES
 from utils.run_warnings import read_warnings
 from utils.training import load_model
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 SCRIPTS = {"paper": train_MI_estimator, "only-max": train_MI_estimator_only_max}
 
@@ -185,3 +190,27 @@ def test_report_only_rewrites_the_report_without_training(fmnist_dir, tiny_estim
     assert_one_line_error(run_script("train_MI_estimator.py", small_args(fmnist_dir, tiny_target, run, "--report-only",
                                                                          "--estimator-loss", "reference")),
                           "trained with the paper-bounded objective, not reference")
+
+
+def test_two_process_torchrun_averages_the_estimators_and_judges_every_held_out_sample(fmnist_dir, tiny_target, tmp_path):
+    """Under torchrun each process trains on its shard with averaged gradients (utils.distributed checks every
+    epoch that the copies agree, and fails the run otherwise) and the held-out values of all processes are
+    gathered, in the split's order, before the verdict and the report."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    train_MI_estimator_only_max.main(small_args(fmnist_dir, tiny_target, single, "--epochs", "1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "train_MI_estimator_only_max.py"),
+                             *small_args(fmnist_dir, tiny_target, multi, "--epochs", "1")],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((multi / "config.json").read_text())["processes"] == 2
+    assert list(read_metrics(multi)[0]) == list(read_metrics(single)[0]) and len(read_metrics(multi)) == 1
+    assert float(read_metrics(multi)[0]["val_En_informative"]) in (0.0, 1.0)
+    report = json.loads((multi / "mi_report.json").read_text())
+    assert report["informativeness"]["natural"]["n"] == 100  # every test image, not one process's half
+    values, reference = numpy.load(multi / "mi_values.npz"), numpy.load(single / "mi_values.npz")
+    # the target is the same, so per-image clean correctness must match the single process's, in order
+    assert len(values["correct"]) == 100 and (values["correct"] == reference["correct"]).all()
+    assert sorted(p.name for p in multi.iterdir() if p.name != "warnings.json") == sorted(
+        p.name for p in single.iterdir() if p.name != "warnings.json")

@@ -24,7 +24,7 @@ from utils.advertorch_compat import advertorch_attacks, zero_gradients
 from utils.attacks import PGDConfig, pgd_attack
 from utils.data import dataset_info
 from utils.errors import run_main
-from utils.evaluation import (Attack, AttackOutput, AttackResult, ModelSnapshot, attack_seed, build_attacks,
+from utils.evaluation import (Attack, AttackOutput, AttackResult, ModelSnapshot, attack_seed, batch_seed, build_attacks,
                               isolated_rng, markdown_table, run_attack, run_transfer, sanity_warnings, table_columns,
                               threshold_minimum_norm, worst_case)
 from utils.run_warnings import read_warnings
@@ -188,9 +188,9 @@ def test_transfer_crafts_on_the_surrogate_and_checks_the_budget(trained_small_cn
     results = run_transfer(surrogate, [surrogate, other], attack, loader_of(x, y, 16), torch.device("cpu"), False, seed)
     assert len(results) == 2 and results[0].budget.violating_batches == 0
     # Every row sees the very adversarials PGD crafts on the surrogate with the transfer attack's seed.
-    generator = torch.Generator().manual_seed(seed)
     crafted = torch.cat([pgd_attack(surrogate, xb, yb, PGDConfig("linf", INFO.epsilon_linf, INFO.epsilon_linf / 4, 10),
-                                    generator) for xb, yb in zip(x.split(16), y.split(16))])
+                                    torch.Generator().manual_seed(batch_seed(seed, index)))
+                         for index, (xb, yb) in enumerate(zip(x.split(16), y.split(16)))])
     for model, result in zip((surrogate, other), results):
         with torch.no_grad():
             assert torch.equal(result.robust, model(crafted).argmax(1) == y)
@@ -240,18 +240,20 @@ def test_autoattack_runs_the_standard_version_exactly(trained_small_cnn, fmnist_
                         apgd_t=(self.apgd_targeted.n_iter, self.apgd_targeted.n_restarts,
                                 self.apgd_targeted.n_target_classes, self.apgd_targeted.eps),
                         fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes, self.fab.eps),
-                        square=(self.square.n_queries, self.square.n_restarts, self.square.eps))
+                        square=(self.square.n_queries, self.square.n_restarts, self.square.eps),
+                        logits=self.model(x_orig).dtype)
             return x_orig.clone()
 
     monkeypatch.setattr(evaluation, "_autoattack_class", lambda: (Recording, module_name))
     attack = attacks_by_name(names=("aa",))["aa"]
     _, _, x, y = fmnist_batches
-    attack.craft(trained_small_cnn, x[:8], y[:8], None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as --amp on CUDA: Square fails on bf16 logits
+        attack.craft(trained_small_cnn, x[:8], y[:8], None)
     eps = INFO.epsilon_linf
     assert seen == {"version": "standard", "norm": "Linf", "eps": eps, "seed": attack_seed(0, "aa"),
                     "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "batch_size": 8, "training": False,
                     "apgd": (100, 1, eps, 1), "apgd_t": (100, 1, 9, eps), "fab": (100, 1, 9, eps),
-                    "square": (5000, 1, eps)}
+                    "square": (5000, 1, eps), "logits": torch.float32}
     assert attack.settings["version"] == "standard" and attack_settings().aa_version == "standard"
 
 

@@ -49,6 +49,15 @@ def test_preset_overrides_reach_the_stage_scripts():
     assert config["overrides"][1] == "namid.alpha=2"
 
 
+def test_a_switch_set_false_is_passed_as_its_no_form_when_the_script_has_one():
+    """--amp and --channels-last default to on with CUDA in stages 1 and 3: leaving the flag out would not
+    turn them off."""
+    _, tasks = plan(["train.amp=false", "standard.channels-last=true", "namid.allow-uninformative-estimators=false"])
+    standard, namid = tasks["seed0/standard-at"].argv, tasks["seed0/namid"].argv
+    assert "--no-amp" in standard and "--amp" not in standard and "--channels-last" in standard
+    assert "--no-amp" in namid and not any("allow-uninformative" in token for token in namid)
+
+
 def test_plan_wires_every_defense_to_its_inputs():
     _, tasks = plan()  # the demo's NAMID family reads the only-max estimators (utils/presets.py)
     for defense in ("namid", "namid-t", "namid-m", "wmim"):

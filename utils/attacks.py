@@ -106,12 +106,46 @@ def _ascent_step(grad, norm, step_size):
     return step_size * grad / _per_example_norm(grad, "l2").clamp_min(_TINY)
 
 
+def ascend(x, delta, grad, norm: str, step_size: float, epsilon: float):
+    """One PGD update from the objective's gradient: a step up the gradient (its sign under L-inf, its
+    direction under L2), then back into the epsilon ball and into [0, 1]."""
+    delta = delta + _ascent_step(grad, norm, step_size)
+    delta = project(delta, norm, epsilon)
+    return (x + delta).clamp(0, 1) - x
+
+
+_COMPILED_ASCEND = {}  # backend -> torch.compile(ascend), made on first use
+COMPILED_STEP_ATTRIBUTE = "pgd_compiled_step"
+
+
+def compile_attack_step(model, backend: str = "inductor"):
+    """Have pgd_attack run its update on this model through torch.compile: one fused kernel instead of
+    about six (the model's own forward and backward are compiled by model.compile())."""
+    setattr(model, COMPILED_STEP_ATTRIBUTE, backend)
+
+
+def _update_for(model, x, config: PGDConfig):
+    """The update pgd_attack runs, with the step size and epsilon as it takes them: floats for the eager
+    update; for the compiled one, 0-dim tensors written on x's device by torch.full (no copy from the host),
+    since torch.compile specialises on clamp's float bounds and an epsilon ramp would recompile it every batch."""
+    backend = getattr(model, COMPILED_STEP_ATTRIBUTE, None)
+    if backend is None:
+        return ascend, config.step_size, config.epsilon
+    if backend not in _COMPILED_ASCEND:
+        _COMPILED_ASCEND[backend] = torch.compile(ascend, backend=backend)
+    step_size, epsilon = (torch.full((), value, device=x.device, dtype=x.dtype)
+                          for value in (config.step_size, config.epsilon))
+    return _COMPILED_ASCEND[backend], step_size, epsilon
+
+
 def pgd_attack(model, x, y, config: PGDConfig, generator=None):
     """Adversarial examples for (x, y) within config's ball around x and inside [0, 1].
 
     The model runs in eval mode with parameter gradients off (both restored afterwards), the random
     start comes from `generator` (a torch.Generator on x's device; a fresh nondeterministically
-    seeded one when None), never from the global RNG, and the result is detached.
+    seeded one when None), never from the global RNG, and the result is detached. Nothing in the loop
+    reads a value back to the host (no .item(), no data-dependent branch), so on a GPU the host queues
+    every step without waiting for the device; the update is compiled when compile_attack_step(model) was called.
     """
     if generator is None:
         generator = torch.Generator(device=x.device)
@@ -124,14 +158,14 @@ def pgd_attack(model, x, y, config: PGDConfig, generator=None):
                 clean_probs = F.softmax(model(x), dim=1)
         delta = project(random_start(x, config, generator), config.norm, config.epsilon)
         delta = ((x + delta).clamp(0, 1) - x).detach()
+        update, step_size, epsilon = _update_for(model, x, config)
         for _ in range(config.num_steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
                 objective = attack_objective(model(x + delta), y, config.loss, clean_probs)
                 grad, = torch.autograd.grad(objective, delta)
-            delta = delta.detach() + _ascent_step(grad, config.norm, config.step_size)
-            delta = project(delta, config.norm, config.epsilon)
-            delta = (x + delta).clamp(0, 1) - x
+            with torch.no_grad():
+                delta = update(x, delta.detach(), grad, config.norm, step_size, epsilon)
     return (x + delta).detach()
 
 

@@ -174,17 +174,44 @@ def add_attack_args(parser):
     return group
 
 
-def add_runtime_args(parser, default_model_dir_hint="checkpoints/<stage>_<dataset>_<arch>_..."):
+def add_fast_path_args(parser):
+    """Stages 1 and 3: the speed options, each on, off, or (unset) the device's default (utils.runtime.
+    resolve_fast_path); config.json records which were in effect ("fast_path")."""
+    group = parser.add_argument_group("speed (defaults change results by float rounding at most, bf16 for --amp; "
+                                      "config.json's fast_path says which were in effect)")
+    switch = dict(action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--amp", **switch,
+                       help="bf16 autocast of the target and the attacks; the MI estimators stay float32. CUDA only; "
+                            "default: on with CUDA")
+    group.add_argument("--channels-last", **switch,
+                       help="the model in channels_last memory format. Default: on with CUDA, and on the CPU for "
+                            "small-cnn (an AT step with PGD-10 1.2x faster on one core); off otherwise")
+    group.add_argument("--device-data", **switch,
+                       help="hold the data as uint8 on the training device and crop and flip it there; the batches are "
+                            "the host loader's, bit for bit. Default: on unless --workers > 0 or the dataset is read "
+                            "from image files (tiny-imagenet)")
+    group.add_argument("--compile", **switch,
+                       help="torch.compile the model and the PGD update (the first epoch pays the compilation, minutes). "
+                            "Default: off")
+    return group
+
+
+def add_runtime_args(parser, default_model_dir_hint="checkpoints/<stage>_<dataset>_<arch>_...", fast_path=False):
+    """fast_path: the speed options of add_fast_path_args (stages 1 and 3), whose --amp is on by default with
+    CUDA; without, a plain --amp switch (off by default)."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=nonnegative_int, default=0)
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     group.add_argument("--model-dir", "--model_dir", dest="model_dir", default=None,
                        help=f"output folder (default {default_model_dir_hint})")
     group.add_argument("--resume", action="store_true", help="continue the run in --model-dir from its last.pt")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored elsewhere)")
+    if not fast_path:
+        group.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored elsewhere)")
     group.add_argument("--tensorboard", action="store_true", help="also log to <model-dir>/tensorboard")
     group.add_argument("--eval-batch-size", type=positive_int, default=None,
                        help="batch size of validation/test attacks (default: the training batch size)")
+    if fast_path:
+        add_fast_path_args(parser)
     return group
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
@@ -415,6 +416,24 @@ def _limited(labels: torch.Tensor, limit: int | None, generator: torch.Generator
 # Splits
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A dataset's training augmentation: a random crop of the image zero-padded by `padding` pixels on each
+    side, then, if `flip`, a horizontal flip with probability 1/2 (torchvision's RandomCrop and
+    RandomHorizontalFlip, in that order)."""
+
+    padding: int
+    flip: bool
+
+
+TRAIN_AUGMENTATION = {
+    "cifar10": Augmentation(4, True),
+    "cifar100": Augmentation(4, True),
+    "tiny-imagenet": Augmentation(4, True),
+    "svhn": Augmentation(2, False),  # no flip: a mirrored digit is not the same digit
+}  # digits and clothes (mnist, fashion-mnist) get no augmentation
+
+
 @dataclass
 class Splits:
     """Train (augmented), val (carved from the training set) and test sets, plus the dataset's facts."""
@@ -423,20 +442,20 @@ class Splits:
     val: Dataset
     test: Dataset
     info: DatasetInfo
+    augmentation: Augmentation | None = None  # what train's transform does (for DeviceImages)
 
 
-def _train_transform(name: str, augment: bool):
+def train_transform(name: str, augment: bool = True):
     """The training transform: the dataset's augmentation (if any and wanted), then ToTensor."""
     if name in ("mnist", "fashion-mnist"):
-        return None  # InMemoryImages already yields tensors, and digits/clothes get no augmentation
+        return None  # InMemoryImages already yields tensors
     from torchvision import transforms
     steps = []
-    if augment and name in ("cifar10", "cifar100"):
-        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    elif augment and name == "tiny-imagenet":
-        steps = [transforms.RandomCrop(64, padding=4), transforms.RandomHorizontalFlip()]
-    elif augment and name == "svhn":
-        steps = [transforms.RandomCrop(32, padding=2)]  # no flip: a mirrored digit is not the same digit
+    augmentation = TRAIN_AUGMENTATION.get(name) if augment else None
+    if augmentation is not None:
+        steps.append(transforms.RandomCrop(DATASETS[name].image_size, padding=augmentation.padding))
+        if augmentation.flip:
+            steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps + [transforms.ToTensor()])
 
 
@@ -481,11 +500,123 @@ def load_splits(name: str, data_dir, *, val_size: int = 1000, train_limit: int |
     test_indices = _limited(dataset_labels(full_test), test_limit, _stream(seed, _TEST_STREAM))
 
     return Splits(
-        train=TransformedSubset(full_train, train_indices.tolist(), _train_transform(name, augment)),
+        train=TransformedSubset(full_train, train_indices.tolist(), train_transform(name, augment)),
         val=TransformedSubset(full_train, val_indices.tolist(), _eval_transform(name)),
         test=TransformedSubset(full_test, test_indices.tolist(), _eval_transform(name)),
         info=info,
+        augmentation=TRAIN_AUGMENTATION.get(name) if augment else None,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits held on the training device (--device-data)
+
+
+def _uint8_full_set(dataset) -> torch.Tensor | None:
+    """A full set's images as a uint8 (N, C, H, W) tensor (a view where possible), or None for a set read
+    file by file (Tiny ImageNet's JPEGs)."""
+    if isinstance(dataset, InMemoryImages):
+        return dataset.images
+    from torchvision import datasets
+    if isinstance(dataset, datasets.CIFAR10):  # CIFAR-100 as well: numpy (N, H, W, C)
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
+    if isinstance(dataset, datasets.SVHN):  # numpy (N, C, H, W)
+        return torch.from_numpy(dataset.data)
+    return None
+
+
+def holds_arrays(split) -> bool:
+    """Whether a split of load_splits can become a DeviceImages (its images are held as one array)."""
+    return isinstance(split, Subset) and _uint8_full_set(split.dataset) is not None
+
+
+def draw_crops_and_flips(count: int, augmentation: Augmentation) -> torch.Tensor:
+    """(3, count) int64: per image the crop's top and left offset and whether to flip, drawn from the global
+    torch RNG exactly as torchvision draws them image by image (RandomCrop.get_params: top, then left;
+    then RandomHorizontalFlip's torch.rand(1) < 0.5), so that the device path consumes the same random
+    numbers as the host path and yields the same images. A few microseconds per image, on the host."""
+    span = 2 * augmentation.padding + 1
+    draws = []
+    for _ in range(count):
+        top = torch.randint(0, span, size=(1,)).item()
+        left = torch.randint(0, span, size=(1,)).item()
+        draws.append((top, left, int(torch.rand(1).item() < 0.5) if augmentation.flip else 0))
+    return torch.tensor(draws, dtype=torch.long).reshape(count, 3).T
+
+
+def crop_and_flip(images: torch.Tensor, draws: torch.Tensor, padding: int) -> torch.Tensor:
+    """Each image of a (B, C, H, W) batch cropped from its zero-padded copy at (top, left), mirrored where
+    its flip is set: one gather on the batch's device. draws as draw_crops_and_flips returns them."""
+    batch, channels, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top, left, flip = draws.to(images.device, non_blocking=True)
+    rows = top[:, None] + torch.arange(height, device=images.device)
+    columns = torch.arange(width, device=images.device).expand(batch, width)
+    columns = left[:, None] + torch.where(flip[:, None].bool(), columns.flip(1), columns)
+    index_b = torch.arange(batch, device=images.device)[:, None, None, None]
+    index_c = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[index_b, index_c, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+class DeviceImages:
+    """A split held on the training device as one uint8 (N, C, H, W) tensor with its labels (--device-data).
+
+    make_loader serves it in the batches of the split it was made from (same order, same shards), and
+    augments as that split's transform does: the crop offsets and flips are drawn on the host from the
+    global RNG in torchvision's order (draw_crops_and_flips), then applied to the whole batch on the
+    device. The batches, and the RNG state a resumed run restores, are those of the host loader with
+    workers=0, bit for bit; the images cross to the device once, as bytes, instead of every epoch as floats.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augmentation: Augmentation | None = None):
+        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"expected uint8 (N, C, H, W) images and N labels, got {images.dtype} "
+                             f"{tuple(images.shape)} and {len(labels)}")
+        self.images, self.labels, self.augmentation = images, labels, augmentation
+
+    @classmethod
+    def from_split(cls, split, device, augmentation: Augmentation | None = None) -> "DeviceImages":
+        """The images and labels of a split of load_splits, on `device`; UserError for a dataset read file by file."""
+        full = _uint8_full_set(split.dataset) if isinstance(split, Subset) else None
+        if full is None:
+            kind = type(getattr(split, "dataset", split)).__name__
+            raise UserError(f"--device-data needs a dataset held as arrays; a {kind} is read image by image from its "
+                            f"files (use --no-device-data)")
+        indices = torch.as_tensor(split.indices, dtype=torch.long)
+        return cls(full[indices].contiguous().to(device), dataset_labels(split).to(device), augmentation)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: torch.Tensor):
+        """(x, y) for the given positions: x float in [0, 1] as ToTensor makes it, augmented if the split is."""
+        indices = indices.to(self.images.device, non_blocking=True)
+        images = self.images[indices]
+        if self.augmentation is not None:
+            draws = draw_crops_and_flips(len(indices), self.augmentation)
+            images = crop_and_flip(images, draws, self.augmentation.padding)
+        return images.float().div_(255), self.labels[indices]
+
+
+def device_splits(splits: Splits, device) -> Splits:
+    """The splits as DeviceImages on `device` (train augmented as its transform does, val and test not)."""
+    return Splits(train=DeviceImages.from_split(splits.train, device, splits.augmentation),
+                  val=DeviceImages.from_split(splits.val, device), test=DeviceImages.from_split(splits.test, device),
+                  info=splits.info, augmentation=splits.augmentation)
+
+
+class DeviceBatches:
+    """The batches of a DeviceImages, in the order of a loader over its positions."""
+
+    def __init__(self, data: DeviceImages, order: DataLoader):
+        self.data, self.order = data, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for indices in self.order:
+            yield self.data.batch(indices)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -502,7 +633,12 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: in
     With world_size > 1 (torchrun) each process reads its shard: a DistributedSampler when shuffling
     (padded so that every process runs the same number of steps), every world_size-th item otherwise
     (no padding, so that evaluation counts every test image exactly once).
+    A DeviceImages (--device-data) is served in the batches its positions would have as a dataset here.
     """
+    if isinstance(dataset, DeviceImages):
+        order = make_loader(range(len(dataset)), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, device=device,
+                            rank=rank, world_size=world_size)
+        return DeviceBatches(dataset, order)
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
     sampler = None
     if world_size > 1 and shuffle and len(dataset) > 0:

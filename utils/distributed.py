@@ -116,3 +116,85 @@ def per_process_batch(batch_size: int) -> int:
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules trained outside DistributedDataParallel (the MI estimators: several entry points per step)
+
+def average_gradients_before_each_step(optimizer):
+    """Under torchrun: before every optimizer.step(), average the optimizer's gradients over the processes,
+    as DistributedDataParallel would (it syncs only what its own forward saw, and the estimators are
+    called through their heads). A parameter no process gave a gradient keeps none, so the optimizer
+    skips it as in a single process; one that only some processes reached counts as zero on the others."""
+    if not dist.is_initialized():
+        return
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def hook(optimizer, args, kwargs):
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32,
+                               device=parameters[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in parameters] + [present])
+        dist.all_reduce(flat)
+        flat[:-len(parameters)] /= world_size()
+        offset = 0
+        for p, reached in zip(parameters, flat[-len(parameters):].tolist()):
+            size = p.numel()
+            p.grad = flat[offset:offset + size].view_as(p).to(p.dtype) if reached else None
+            offset += size
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def broadcast_from_main(module):
+    """Rank 0's parameters and buffers on every process (BatchNorm running statistics drift apart per
+    process: each normalises its own shard)."""
+    if dist.is_initialized():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, 0)
+
+
+def check_in_sync(module, what: str, device):
+    """A UserError on every process if their copies of the module's parameters differ (the gradients
+    were not averaged): training on would silently save rank 0's half of the data only."""
+    if not dist.is_initialized():
+        return
+    total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1).to(device)
+    spread = torch.cat([total, -total])
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(float(total))):
+        raise UserError(f"the processes' {what} have drifted apart: their gradients are not averaged")
+
+
+def interleave_shards(local: torch.Tensor) -> torch.Tensor:
+    """The per-item values of the every-world_size-th shards (make_loader without shuffling) of all
+    processes, put back in the dataset's order: item i came from rank i % world_size."""
+    if not dist.is_initialized():
+        return local
+    shards = gather_from_all(local.cpu())
+    total = sum(len(shard) for shard in shards)
+    merged = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    for index, shard in enumerate(shards):
+        merged[index::world_size()] = shard
+    return merged
+
+
+def gather_from_all(obj) -> list:
+    """Every process's obj (any picklable object), in rank order, on every process; [obj] in a single
+    process. A collective: every process must call it, in the same order, a process with nothing to send
+    included (it sends an empty list)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def main_process_first(load):
+    """load() on rank 0, then on the other processes (rank 0 may download or unpack files they then read)."""
+    if not is_main():
+        barrier()
+    result = load()
+    if is_main():
+        barrier()
+    return result

@@ -23,8 +23,9 @@ from utils.mi import (MI_MEASURES, QUANTITIES, QUANTITY_LABELS, derangement, ful
                       mi_quantities, select_misled)
 from utils.plots import plot_mi_distributions
 from utils.run_warnings import RunWarnings
-from utils.runtime import attack_generator, autocast, resolve_device, seed_everything
-from utils.training import RunDirectory, TrainingRun, freeze, load_model, splits_from_args, train_epoch
+from utils.runtime import attack_generator, autocast, seed_everything
+from utils.training import (RunDirectory, TrainingRun, freeze, load_model, load_splits_rank_zero_first, seed_process,
+                            splits_from_args, train_epoch)
 
 STAGE = "estimators"
 ESTIMATOR_FILE = "estimators.pt"
@@ -170,12 +171,12 @@ def collect_mi(estimators, target, loader, attack, objective, device, seed, meas
     pairs (`<quantity>_shuffled`: sample i's local encoding replaced by another sample's of the batch) and
     the batch-weighted objective."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed + 7907 * distributed.rank())
     shuffler = torch.Generator().manual_seed(seed)  # its own stream: the attack's stays that of the training
     estimators.eval()
     parts = {name: [] for name in (*QUANTITIES, *(f"{q}_shuffled" for q in SHUFFLED), "selected", "correct", "fooled")}
     objective_sum, count = 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp):
             x_adv, logits_nat, logits_adv = adversarial_batch(target, x, y, attack, generator)
@@ -193,8 +194,9 @@ def collect_mi(estimators, target, loader, attack, objective, device, seed, meas
         parts["selected"].append(select_misled(logits_nat, logits_adv, y).cpu())
         parts["correct"].append((logits_nat.argmax(1) == y).cpu())
         parts["fooled"].append((logits_adv.argmax(1) != y).cpu())
-    values = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    values["objective"] = objective_sum / max(count, 1)
+    values = {name: distributed.interleave_shards(torch.cat(chunks)) for name, chunks in parts.items()}
+    totals = distributed.sum_across_processes({"objective": objective_sum, "count": count}, device)
+    values["objective"] = totals["objective"] / max(totals["count"], 1)
     return values
 
 
@@ -332,9 +334,11 @@ def write_mi_report(args, splits, target, estimators_path, best_epoch, objective
     """mi_report.json and mi_distributions.png from the selected estimators on the test split; a warning
     when the paper's observation does not hold there."""
     best, _ = load_estimators(estimators_path, device)
-    test_loader = make_loader(splits.test, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
-                              device=device)
+    test_loader = make_loader(splits.test, evaluation_batch(args), shuffle=False, workers=args.workers, seed=args.seed,
+                              device=device, **shard())
     values = collect_mi(best, target, test_loader, attack, objective, device, args.seed, args.mi_measure, args.amp, "test")
+    if not distributed.is_main():
+        return
     report = {"split": "test", "samples": len(splits.test), "estimators": str(estimators_path), "best_epoch": best_epoch,
               "selected_on": SELECT_KEY, "objective": objective_name, "measure": args.mi_measure, "attack": vars(attack),
               "maximised_estimates": maximised_estimates(values), "informativeness": informativeness(values),
@@ -377,11 +381,30 @@ def report_only(args, target, objective, objective_name, device):
     return 0
 
 
+def shard() -> dict:
+    """This process's share of a loader under torchrun (make_loader's rank and world_size)."""
+    return dict(rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def evaluation_batch(args) -> int:
+    return max(1, args.eval_batch_size // distributed.world_size())
+
+
 def train_estimators(args, argv, script: str, objective, objective_name: str):
-    """The whole of stage 2 for one objective(q, logits_nat, logits_adv, y) -> loss."""
-    distributed.refuse_torchrun(script)
+    """The whole of stage 2 for one objective(q, logits_nat, logits_adv, y) -> loss. Under torchrun,
+    --batch-size is the global batch: each process attacks and scores its shard, the estimators'
+    gradients are averaged over the processes, and the held-out values are gathered before judging."""
+    if args.report_only:
+        distributed.refuse_torchrun(f"{script} --report-only")
+    try:
+        return _train_estimators(args, argv, script, objective, objective_name)
+    finally:
+        distributed.cleanup()
+
+
+def _train_estimators(args, argv, script, objective, objective_name):
     args.target_model = checkpoint_in(args.target_model, "best.pt", script)
-    device = resolve_device(args.device)
+    device = distributed.setup(args.device)
     target, target_checkpoint = load_frozen_target(args.target_model, device)
     resolve_against_target(args, target_checkpoint)
     if args.model_dir is None:
@@ -392,16 +415,22 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
         return report_only(args, target, objective, objective_name, device)
     if args.val_size == 0:
         raise UserError("stage 2 reports the MI on held-out data every epoch: --val-size must be > 0")
+    batch_size = distributed.per_process_batch(args.batch_size)
     run_dir = RunDirectory(args.model_dir, resume=args.resume, best_name=ESTIMATOR_FILE)
     with run_dir.removed_if_setup_fails():
         warnings = RunWarnings()
-        warnings.keep_in(run_dir.path)
+        if distributed.is_main():
+            warnings.keep_in(run_dir.path)
         seed_everything(args.seed)
-        splits = splits_from_args(args)
+        splits = load_splits_rank_zero_first(args)
         spec = estimator_spec(args, splits.info)
         estimators = build_estimators(spec["in_channels"], spec["num_classes"], spec["hsize"]).to(device)
+        distributed.broadcast_from_main(estimators)
         optimizer = torch.optim.Adam(estimators.parameters(), lr=args.lr)
+        distributed.average_gradients_before_each_step(optimizer)
         generator = attack_generator(args.seed, device)
+        if not distributed.is_main():
+            seed_process(args.seed, 0, generator)
         attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
         metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
                     "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": args.target_sha256,
@@ -409,22 +438,26 @@ def train_estimators(args, argv, script: str, objective, objective_name: str):
         run = TrainingRun(run_dir, args, STAGE, estimators, optimizer, generator, model_spec=spec,
                           select_key=SELECT_KEY, select_mode="max", model_key="estimators",
                           spec_key="estimator_spec", metadata=metadata)
-        if not args.resume:
-            run_dir.write_config(args, STAGE, script, argv, {**metadata, "estimator_spec": spec})
+        if not args.resume and distributed.is_main():
+            run_dir.write_config(args, STAGE, script, argv, {**metadata, "estimator_spec": spec,
+                                                             "processes": distributed.world_size()})
 
     def run_epoch(epoch):
-        loader = make_loader(splits.train, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
-                             epoch=epoch, device=device)
+        loader = make_loader(splits.train, batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                             epoch=epoch, device=device, **shard())
         step = make_estimator_step(estimators, target, objective, attack, generator, args.mi_measure)
         row = train_epoch(target, loader, optimizer, step, device, epoch, run_dir, amp=args.amp)
-        val_loader = make_loader(splits.val, args.eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
-                                 device=device)
+        distributed.check_in_sync(estimators, "MI estimators", device)
+        distributed.broadcast_from_main(estimators)  # one set of BatchNorm statistics, rank 0's, as saved
+        val_loader = make_loader(splits.val, evaluation_batch(args), shuffle=False, workers=args.workers,
+                                 seed=args.seed, device=device, **shard())
         # One attack seed for every epoch: epochs are compared on the estimators, not on attack noise.
         values = collect_mi(estimators, target, val_loader, attack, objective, device, args.seed, args.mi_measure,
                             args.amp, desc="val")
         verdicts = informativeness(values)
         row = {**row, **held_out_row(values, verdicts)}
-        tqdm.write(f"epoch {epoch + 1} held-out: {verdict_line(verdicts)}")
+        if distributed.is_main():
+            tqdm.write(f"epoch {epoch + 1} held-out: {verdict_line(verdicts)}")
         return row
 
     run.fit(run_epoch)

@@ -9,6 +9,7 @@ only when it is classified correctly clean and survives every attack of that thr
 """
 import importlib
 import inspect
+import itertools
 import logging
 import math
 import random
@@ -23,8 +24,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils import distributed
 from utils.advertorch_compat import advertorch_attacks
 from utils.attacks import PGDConfig, frozen_eval, perturbation_norms, pgd_attack
 from utils.errors import UserError
@@ -132,7 +135,8 @@ class _AutoAttackReport(logging.Handler):
         message = record.getMessage()
         if record.levelno >= logging.WARNING:
             self.warnings.append(f"AutoAttack warns: {message}")
-        elif message.startswith(("running ", "robust accuracy after ", "initial accuracy", "no robust datapoints")):
+        elif distributed.is_main() and message.startswith(("running ", "robust accuracy after ", "initial accuracy",
+                                                           "no robust datapoints")):
             tqdm.write(f"  AA: {message}", file=sys.stderr)
 
 
@@ -159,9 +163,9 @@ def _autoattack(epsilon: float, version: str, seed: int):
         cls, _ = _autoattack_class()
         kwargs = dict(norm="Linf", eps=epsilon, version=version, seed=seed, device=x.device)
         if "verbose" in inspect.signature(cls).parameters:  # the official package prints its progress itself
-            kwargs["verbose"] = True
+            kwargs["verbose"] = distributed.is_main()
         with frozen_eval(model), _autoattack_log() as report:
-            adversary = cls(model, **kwargs)
+            adversary = cls(Float32Logits(model).eval(), **kwargs)
             run = adversary.run_standard_evaluation
             size_name = "batch_size" if "batch_size" in inspect.signature(run).parameters else "bs"
             result = run(x, y, **{size_name: len(x)})
@@ -175,6 +179,19 @@ def _fwa(config: FWAConfig):
         x_adv, plan = fw_wasserstein_attack(model, x, y, config, return_plan=True)
         return AttackOutput(x_adv, plan=plan)
     return craft
+
+
+class Float32Logits(nn.Module):
+    """The model with float32 logits: under bf16 autocast (--amp), AutoAttack's Square attack writes losses
+    computed in float32 into buffers made from bf16 logits, and fails ("Index put requires the source and
+    destination dtypes match")."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).float()
 
 
 class _GreyAsColour(nn.Module):
@@ -299,6 +316,12 @@ def attack_seed(seed: int, name: str) -> int:
 # Side effects: random streams and the model's state
 
 
+def _seed_global_rng(seed: int):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
 @contextmanager
 def isolated_rng(seed: int, device: torch.device):
     """Seed torch, numpy and random for code that draws from the global RNG (AutoAttack, torchattacks,
@@ -307,9 +330,7 @@ def isolated_rng(seed: int, device: torch.device):
     devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
+        _seed_global_rng(seed)
         try:
             yield
         finally:
@@ -350,6 +371,54 @@ class ModelSnapshot:
 
 
 # ----------------------------------------------------------------------------------------------
+# Batches: which process evaluates which, and the seed of each
+
+
+def shard_of_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+    """{batch index: example indices} of the batches one process evaluates: the test set in order, cut
+    into batches of batch_size, batch b going to process b % world_size (every batch in a single process)."""
+    starts = range(0, num_examples, batch_size)
+    return {index: list(range(start, min(start + batch_size, num_examples)))
+            for index, start in enumerate(starts) if index % world_size == rank}
+
+
+def sharded_loader(dataset, batch_size: int, *, workers: int = 0, device=None, rank: int = 0,
+                   world_size: int = 1) -> DataLoader:
+    """A DataLoader over this process's batches of the unshuffled dataset (shard_of_batches); its
+    batch_indices say which batch of the whole set each one is."""
+    shard = shard_of_batches(len(dataset), batch_size, rank, world_size)
+    loader = DataLoader(dataset, batch_sampler=list(shard.values()), num_workers=workers,
+                        pin_memory=device is not None and torch.device(device).type == "cuda")
+    loader.batch_indices = list(shard)
+    return loader
+
+
+def numbered_batches(loader):
+    """(batch index, (x, y)) per batch: a sharded_loader's own indices; any other loader is taken to hold
+    the whole set in order (0, 1, 2, ...)."""
+    return zip(getattr(loader, "batch_indices", itertools.count()), loader)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one batch of an attack: a function of the attack's seed and the batch's index only."""
+    return (seed * 7_919 + batch_index) % (2 ** 62)
+
+
+def seed_batch(seed: int, batch_index: int, generator: torch.Generator):
+    """Seed the attack's generator and the (isolated) global RNG for one batch, so that its adversarials
+    depend neither on the process that attacks it nor on the batches attacked before it."""
+    seed = batch_seed(seed, batch_index)
+    generator.manual_seed(seed)
+    _seed_global_rng(seed)
+
+
+def _progress(loader, desc: str):
+    """The loader's numbered batches, with a progress bar on rank 0 only."""
+    return tqdm(numbered_batches(loader), total=len(loader), desc=desc, leave=False, dynamic_ncols=True,
+                disable=not distributed.is_main())
+
+
+# ----------------------------------------------------------------------------------------------
 # Running attacks
 
 
@@ -372,9 +441,10 @@ class BudgetCheck:
             self.violating_batches += 1
 
 
-def check_batch_budget(attack: Attack, x, output: AttackOutput, check: BudgetCheck):
-    """Measure one returned batch: its largest perturbation (or transport cost relative to the image's
-    mass, and the plan's marginals, for FWA) and its pixel range."""
+def measure_budget(attack: Attack, x, output: AttackOutput) -> tuple:
+    """One returned batch against the budget, as BudgetCheck.record's (value, allowed, low, high): its
+    largest perturbation (or transport cost relative to the image's mass, and the plan's marginals, for
+    FWA) and its pixel range."""
     x_adv = output.x_adv.float()
     low, high = float(x_adv.min()), float(x_adv.max())
     if attack.threat == "wasserstein":
@@ -389,7 +459,7 @@ def check_batch_budget(attack: Attack, x, output: AttackOutput, check: BudgetChe
     else:
         value = float(perturbation_norms(x_adv, x.float(), attack.threat).max())
         allowed = attack.bound * (1 + _REL_TOL) + _ABS_TOL
-    check.record(value, allowed, low, high)
+    return value, allowed, low, high
 
 
 def predictions(model, x, device, amp):
@@ -414,16 +484,49 @@ class AttackResult:
         return self.robust.float().mean().item() if len(self.robust) else float("nan")
 
 
+@dataclass
+class BatchOutcome:
+    """What one batch gave; an AttackResult is its batches' outcomes, every process's, in batch order."""
+    index: int                               # the batch's index in the whole test set
+    robust: torch.Tensor                     # on the CPU
+    nan: bool = False
+    budget: Optional[tuple] = None           # BudgetCheck.record's arguments
+    unthresholded_robust: Optional[torch.Tensor] = None
+    notes: list = field(default_factory=list)
+
+
+def in_batch_order(per_process: list) -> list:
+    """Every process's BatchOutcome lists (distributed.gather_from_all's answer) as one list in batch order."""
+    return sorted((outcome for outcomes in per_process for outcome in outcomes), key=lambda outcome: outcome.index)
+
+
+def combine(outcomes: list, seconds: float, budget: Optional[BudgetCheck] = None,
+            side_effects: list = ()) -> AttackResult:
+    """One AttackResult from the outcomes of every batch, in batch order."""
+    if budget is not None:
+        for outcome in outcomes:
+            budget.record(*outcome.budget)
+    robust = [outcome.robust for outcome in outcomes]
+    unthresholded = [outcome.unthresholded_robust for outcome in outcomes if outcome.unthresholded_robust is not None]
+    return AttackResult(torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool), seconds, budget,
+                        sum(outcome.nan for outcome in outcomes), torch.cat(unthresholded) if unthresholded else None,
+                        list(side_effects), list(dict.fromkeys(note for outcome in outcomes for note in outcome.notes)))
+
+
+def problems_of_every_process(problems: list) -> list:
+    """The side effects any process found, each once (a collective: every process calls it)."""
+    return list(dict.fromkeys(problem for found in distributed.gather_from_all(problems) for problem in found))
+
+
 def clean_predictions(model, loader, device, amp, desc="clean") -> AttackResult:
     started = time.perf_counter()
-    correct, nan_batches = [], 0
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    outcomes = []
+    for index, (x, y) in _progress(loader, desc):
         x, y = x.to(device), y.to(device)
         predicted, has_nan = predictions(model, x, device, amp)
-        correct.append((predicted == y).cpu())
-        nan_batches += has_nan
-    return AttackResult(torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool),
-                        time.perf_counter() - started, nan_batches=nan_batches)
+        outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan))
+    outcomes = in_batch_order(distributed.gather_from_all(outcomes))
+    return combine(outcomes, time.perf_counter() - started)
 
 
 def _new_budget_check(attack: Attack) -> BudgetCheck:
@@ -434,65 +537,65 @@ def _new_budget_check(attack: Attack) -> BudgetCheck:
 def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str) -> AttackResult:
     """Attack every batch; per example, whether the model still classifies the adversarial correctly.
 
-    The attack draws from its own seeded generator (PGD) or from a seeded global RNG restored
-    afterwards (library attacks). The model is checked for left-behind gradients or changed state,
-    and restored if needed (reported in side_effects)."""
+    Each batch draws from the attack's generator (PGD) or from the global RNG (library attacks), both
+    seeded from (seed, batch index) and the global one restored afterwards. Under torchrun each process
+    attacks its shard of the loader and every process gets the whole result. The model is checked for
+    left-behind gradients or changed state, and restored if needed (reported in side_effects)."""
     snapshot = ModelSnapshot(model)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    check = _new_budget_check(attack)
-    robust, unthresholded, nan_batches, notes = [], [], 0, []
+    outcomes = []
     started = time.perf_counter()
     with isolated_rng(seed, device):
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        bar = _progress(loader, desc)
+        for index, (x, y) in bar:
             x, y = x.to(device), y.to(device)
+            seed_batch(seed, index, generator)
             with autocast(device, amp):
                 output = attack.craft(model, x, y, generator)
-            check_batch_budget(attack, x, output, check)
-            notes += [note for note in output.notes if note not in notes]
             predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)
-            robust.append((predicted == y).cpu())
-            nan_batches += has_nan
+            unthresholded = None
             if output.unthresholded is not None:
-                unthresholded.append((predictions(model, output.unthresholded.clamp(0, 1), device, amp)[0] == y).cpu())
-            done = torch.cat(robust)
+                unthresholded = (predictions(model, output.unthresholded.clamp(0, 1), device, amp)[0] == y).cpu()
+            outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, measure_budget(attack, x, output),
+                                         unthresholded, output.notes))
+            done = torch.cat([outcome.robust for outcome in outcomes])
             bar.set_postfix(acc=f"{done.float().mean().item():.3f}", refresh=False)
-    seconds = time.perf_counter() - started
     side_effects = snapshot.problems(model)
     if side_effects:
         snapshot.restore(model)
-    return AttackResult(torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool), seconds, check, nan_batches,
-                        torch.cat(unthresholded) if unthresholded else None, side_effects, notes)
+    outcomes = in_batch_order(distributed.gather_from_all(outcomes))
+    side_effects = problems_of_every_process(side_effects)
+    return combine(outcomes, time.perf_counter() - started, _new_budget_check(attack), side_effects)
 
 
 def run_transfer(surrogate, targets: list, attack: Attack, loader, device, amp, seed: int) -> list:
     """Adversarials crafted on the surrogate (white-box there), evaluated on every target: one
-    AttackResult per target. The budget is checked once, on the crafted examples."""
+    AttackResult per target. The budget is checked once, on the crafted examples. Batches are seeded
+    and sharded as in run_attack."""
     snapshots = [ModelSnapshot(model) for model in [surrogate, *targets]]
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    check = _new_budget_check(attack)
-    robust = [[] for _ in targets]
-    nan_batches = [0 for _ in targets]
+    outcomes = [[] for _ in targets]  # per target, per batch
     started = time.perf_counter()
     with isolated_rng(seed, device):
-        for x, y in tqdm(loader, desc="transfer", leave=False, dynamic_ncols=True):
+        for index, (x, y) in _progress(loader, "transfer"):
             x, y = x.to(device), y.to(device)
+            seed_batch(seed, index, generator)
             with autocast(device, amp):
                 output = attack.craft(surrogate, x, y, generator)
-            check_batch_budget(attack, x, output, check)
-            for index, model in enumerate(targets):
+            budget = measure_budget(attack, x, output)
+            for target_outcomes, model in zip(outcomes, targets):
                 predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)
-                robust[index].append((predicted == y).cpu())
-                nan_batches[index] += has_nan
-    seconds = time.perf_counter() - started
+                target_outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, budget))
     side_effects = []
     for snapshot, model in zip(snapshots, [surrogate, *targets]):
         side_effects.extend(snapshot.problems(model))
         snapshot.restore(model)
-    return [AttackResult(torch.cat(r) if r else torch.zeros(0, dtype=torch.bool), seconds, check, n, None, side_effects)
-            for r, n in zip(robust, nan_batches)]
+    per_process = distributed.gather_from_all(outcomes)
+    side_effects = problems_of_every_process(side_effects)
+    seconds = time.perf_counter() - started
+    return [combine(in_batch_order([process_outcomes[target] for process_outcomes in per_process]), seconds,
+                    _new_budget_check(attack), side_effects)
+            for target in range(len(targets))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -191,8 +191,11 @@ def flag_tokens(section_flags: dict, switches: dict) -> list:
     tokens = []
     for flag, value in section_flags.items():
         if switches.get(flag):
-            if value is True or (isinstance(value, str) and parse_switch(value, f"--{flag}")):
+            on = value is True or (isinstance(value, str) and parse_switch(value, f"--{flag}"))
+            if on:
                 tokens.append(f"--{flag}")
+            elif value is not None and f"no-{flag}" in switches:  # a switch whose default depends on the device
+                tokens.append(f"--no-{flag}")
         elif value is None:
             continue
         elif isinstance(value, (list, tuple)):
@@ -375,8 +378,56 @@ class StageFailed(UserError):
     pass
 
 
-def run_task(task: Task, state: str, log_dir: Path, env: dict) -> float:
-    command = task.command + (["--resume"] if state == "resume" else [])
+@dataclass(frozen=True)
+class Launch:
+    """How stages are started: the GPUs shared out among running stages (none: CUDA_VISIBLE_DEVICES is
+    left as it is) and the processes per stage (torchrun when more than one)."""
+    devices: tuple = ()
+    per_stage: int = 1
+
+    @property
+    def device_groups(self) -> list:
+        """Disjoint shares of `per_stage` devices; the devices that do not fill a share stay idle."""
+        k = self.per_stage
+        return [self.devices[i:i + k] for i in range(0, len(self.devices) - k + 1, k)]
+
+    def command(self, task: Task) -> list:
+        if self.per_stage == 1:
+            return task.command
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(self.per_stage), str(ROOT / task.script), *task.argv]
+
+
+def visible_cuda_devices() -> tuple:
+    """The CUDA devices this process may use, as ids for CUDA_VISIBLE_DEVICES: those it lists, or 0..n-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return tuple(item.strip() for item in listed.split(",") if item.strip())
+    import torch
+    return tuple(str(index) for index in range(torch.cuda.device_count()))
+
+
+def resolve_launch(device: str, devices, per_stage: int) -> Launch:
+    """--devices as given; otherwise every visible CUDA device when --device is auto or cuda, none on the CPU."""
+    if devices is None:
+        devices = visible_cuda_devices() if device in ("auto", "cuda") else ()
+    elif device.startswith("cuda:"):
+        raise UserError(f"--device {device} with --devices: the runner gives each stage its own GPUs; use --device cuda")
+    devices = tuple(str(item) for item in devices)
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--devices lists a device twice: {' '.join(devices)}")
+    if devices and len(devices) < per_stage:
+        raise UserError(f"--gpus-per-stage {per_stage} needs at least {per_stage} devices, --devices has {len(devices)}")
+    return Launch(devices, per_stage)
+
+
+def default_jobs(launch: Launch, preset_jobs: int) -> int:
+    """One running stage per share of GPUs; the preset's count on the CPU."""
+    return len(launch.device_groups) if launch.devices else preset_jobs
+
+
+def run_task(task: Task, state: str, log_dir: Path, env: dict, launch: Launch = Launch()) -> float:
+    command = launch.command(task) + (["--resume"] if state == "resume" else [])
     log = log_dir / (task.name.replace("/", "_") + ".log")
     started = time.perf_counter()
     with open(log, "a") as handle:
@@ -390,17 +441,33 @@ def run_task(task: Task, state: str, log_dir: Path, env: dict) -> float:
         raise StageFailed(f"{task.name} failed (exit status {code}): {last} [log: {log}]")
     atomic_write_json(task.run_dir / MARKER, {"argv": task.argv, "script": task.script, "inputs": input_hashes(task),
                                               "seconds": round(seconds, 1), "resumed": state == "resume",
+                                              "processes": launch.per_stage,
+                                              "visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return seconds
 
 
-def child_environment(jobs: int) -> dict:
-    """Parallel stages share the cores: each gets cores / jobs threads (unless OMP_NUM_THREADS is set),
-    so that they do not oversubscribe the CPU (10x slower here when they do)."""
+def run_stage_here(task: Task, log_dir: Path, launch: Launch = Launch()):
+    """One stage, now, in this process's environment (a cluster job's): skipped when done, resumed when
+    interrupted, under torchrun with launch.per_stage processes. Seconds taken, or None when skipped."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    state = task_state(task)
+    if state == "done":
+        return None
+    return run_task(task, state, log_dir, child_environment(1, launch.per_stage), launch)
+
+
+def child_environment(jobs: int, processes_per_job: int = 1, devices: tuple = ()) -> dict:
+    """Parallel stages share the cores: each process gets cores / (jobs x processes) threads (unless
+    OMP_NUM_THREADS is set), so that they do not oversubscribe the CPU (10x slower here when they do).
+    With devices, the stage sees only those GPUs."""
     env = dict(os.environ)
     env.setdefault("TQDM_MININTERVAL", "10")  # progress lines in the logs, not thousands of redraws
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    processes = jobs * processes_per_job
+    if processes > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return env
 
 
@@ -409,23 +476,26 @@ def say(line: str):
     tqdm.write(line, file=sys.stderr)
 
 
-def execute(tasks: list, jobs: int, log_dir: Path) -> dict:
-    """Run every task after its dependencies, up to `jobs` at a time. After a failure nothing new is
-    started; the running stages finish, and the first failure is raised. Returns seconds per task run."""
+def execute(tasks: list, jobs: int, log_dir: Path, launch: Launch = Launch()) -> dict:
+    """Run every task after its dependencies, up to `jobs` at a time, each running task on its own share
+    of launch.devices. After a failure nothing new is started; the running stages finish, and the first
+    failure is raised. Returns seconds per task run."""
     log_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:  # conflicts surface before any work starts
         if (task.run_dir / MARKER).is_file() and all(Path(p).is_file() for p in task.inputs):
             task_state(task)
-    env = child_environment(jobs)
+    free_groups = launch.device_groups if launch.devices else [()] * jobs
+    jobs = min(jobs, len(free_groups))
     pending, done, running, seconds, failure = list(tasks), set(), {}, {}, None
     bar = tqdm(total=len(tasks), desc="stages", unit="stage", dynamic_ncols=True)
 
-    def start(task):
+    def start(task, group):
         state = task_state(task)
         if state == "done":
             return None
-        say(f"{task.name}: {'resuming' if state == 'resume' else 'running'} {task.script}")
-        return run_task(task, state, log_dir, env)
+        where = f" on GPU {','.join(group)}" if group else ""
+        say(f"{task.name}: {'resuming' if state == 'resume' else 'running'} {task.script}{where}")
+        return run_task(task, state, log_dir, child_environment(jobs, launch.per_stage, group), launch)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
@@ -434,12 +504,14 @@ def execute(tasks: list, jobs: int, log_dir: Path) -> dict:
                     if len(running) >= jobs:
                         break
                     pending.remove(task)
-                    running[pool.submit(start, task)] = task
+                    group = free_groups.pop(0)
+                    running[pool.submit(start, task, group)] = (task, group)
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                task = running.pop(future)
+                task, group = running.pop(future)
+                free_groups.append(group)
                 try:
                     took = future.result()
                 except UserError as error:

@@ -4,6 +4,7 @@ import importlib.metadata
 import platform
 import random
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,49 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The speed options of a training run (README, "Speed"). None changes what is computed beyond float
+    rounding, except amp, which runs the target and the attacks in bf16 (the MI estimators stay float32)."""
+    amp: bool = False            # bf16 autocast (CUDA)
+    channels_last: bool = False  # the model's convolutions in channels_last memory format
+    device_data: bool = False    # the data as uint8 on the device, augmented there (utils.data.DeviceImages)
+    compile: bool = False        # torch.compile of the model and of the PGD update
+
+
+def resolve_fast_path(args, device: torch.device, device_data_possible: bool) -> FastPath:
+    """The speed options in effect: each flag as given (--amp/--no-amp, ...), else its default here.
+
+    amp: on with CUDA, where bf16 only rounds; never elsewhere (autocast is CUDA-only in this project).
+    channels_last: on with CUDA; on the CPU for SmallCNN only, where it was measured faster (a Standard AT
+    step with PGD-10, batch 128, 1.2x on one core: bench/results/gpu_speed_cpu.json); off on MPS, where
+    nothing was measured.
+    device_data: on wherever the dataset is held as arrays (not Tiny ImageNet) and --workers is 0: its
+    batches are those of the host loader, bit for bit; --workers N asks for the host loader.
+    compile: off unless asked: the first epoch pays minutes of compilation, and it changes results only by
+    rounding.
+    """
+    def given(flag):
+        return getattr(args, flag, None)
+
+    cuda = device.type == "cuda"
+    device_data = given("device_data")
+    if device_data and not device_data_possible:
+        raise UserError(f"--device-data: {args.dataset} is read image by image from its files, not held as arrays; "
+                        f"drop the flag")
+    if device_data and getattr(args, "workers", 0) > 0:
+        raise UserError("--device-data serves every batch from the device, so --workers has nothing to do; "
+                        "drop one of the two")
+    if device_data is None:
+        device_data = device_data_possible and getattr(args, "workers", 0) == 0
+    amp = given("amp")
+    channels_last = given("channels_last")
+    if channels_last is None:
+        channels_last = cuda or (device.type == "cpu" and getattr(args, "arch", None) == "small-cnn")
+    return FastPath(amp=cuda if amp is None else bool(amp) and cuda, channels_last=channels_last,
+                    device_data=device_data, compile=bool(given("compile")))
 
 
 def package_versions() -> dict:

@@ -11,9 +11,10 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from models import build_model
-from utils.attacks import PGDConfig, frozen_eval, pgd_attack
+from utils.attacks import PGDConfig, compile_attack_step, frozen_eval, pgd_attack
 from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, atomic_write_text,
                               load_checkpoint, load_state_dict_checked)
 from utils import distributed
-from utils.data import load_splits, make_loader
+from utils.data import device_splits, holds_arrays, load_splits, make_loader
 from utils.errors import UserError
 from utils.run_warnings import RunWarnings
-from utils.runtime import (attack_generator, autocast, capture_rng_state, git_commit, package_versions,
-                           restore_rng_state, seed_everything)
+from utils.runtime import (FastPath, attack_generator, autocast, capture_rng_state, git_commit, package_versions,
+                           resolve_fast_path, restore_rng_state, seed_everything)
 
 # Flags that may change when a run is resumed: they do not change what the finished run computes
-# (the lr schedule is a pure function of the epoch, and evaluation draws from its own random stream).
+# (the lr schedule is a pure function of the epoch, and evaluation draws from its own random stream;
+# the speed options other than --amp change it by float rounding at most).
 RESUMABLE_CHANGES = {"resume", "device", "workers", "epochs", "milestones", "tensorboard", "eval_batch_size",
-                     "test_limit", "model_dir", "data_dir"}
+                     "test_limit", "model_dir", "data_dir", "channels_last", "device_data", "compile"}
 
 
 class NonFiniteLoss(UserError):
@@ -57,6 +59,31 @@ def model_from_spec(spec: dict) -> torch.nn.Module:
                            widen_factor=spec["widen_factor"])
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def prepare_model(model, fast: FastPath, compile_backend: str = "inductor"):
+    """The model in the memory format and compiled form the fast path asks for (--channels-last, --compile);
+    its state_dict, keys and values, is unchanged, so checkpoints are the same either way."""
+    if fast.channels_last:
+        refuse_what_onednn_gets_wrong(model)
+        model = model.to(memory_format=torch.channels_last)
+    if fast.compile:
+        model.compile(backend=compile_backend)  # in place: no "_orig_mod." prefix in the state_dict
+        compile_attack_step(model, compile_backend)
+    return model
+
+
+def refuse_what_onednn_gets_wrong(model):
+    """UserError for a CPU model that channels_last would break: oneDNN's backward of a 1x1 convolution
+    with stride > 1 and fewer input channels than its block (8 with AVX2, 16 with AVX-512) writes out of
+    bounds (uxlfoundation/oneDNN#6035: wrong weight gradients, hangs or crashes; here ResNet-18 --width 4
+    crashed)."""
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Conv2d) and module.weight.device.type == "cpu"
+                and module.kernel_size == (1, 1) and max(module.stride) > 1 and module.in_channels < 16):
+            raise UserError(f"--channels-last on the CPU: oneDNN's backward of {name}, a 1x1 stride-{max(module.stride)} "
+                            f"convolution of {module.in_channels} input channels, writes out of bounds; use "
+                            f"--no-channels-last or a --width of 16 or more")
 
 
 def load_model(path, device) -> tuple:
@@ -113,7 +140,8 @@ class RunDirectory:
                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": {"host": socket.gethostname(), "platform": platform.platform(),
                               "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                              "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
                   "versions": package_versions(), "git_commit": git_commit()}
         record.update(extra or {})
         atomic_write_json(self.config, record)
@@ -309,22 +337,84 @@ def check_finite(loss, epoch: int, batch: int, last_good: Path, device):
                             f"{last_good} (the last completed epoch) is intact; lower --lr or add --warmup-epochs")
 
 
+READBACK_BATCHES = 20  # on an accelerator: batches between two reads of the epoch's statistics
+
+
+def readback_interval(device) -> int:
+    """Batches between reads of an epoch's running statistics: every batch on the CPU, where a read costs
+    nothing, READBACK_BATCHES on an accelerator, where a read waits until the device has run everything
+    queued, so that meanwhile the host could not queue the next batches."""
+    return 1 if torch.device(device).type == "cpu" else READBACK_BATCHES
+
+
+class _Batch(NamedTuple):
+    index: int
+    n: int
+    loss: torch.Tensor
+    clean_correct: torch.Tensor
+    adv_correct: torch.Tensor  # None when the step made no adversarial
+    extras: dict
+
+
+class RunningTotals:
+    """An epoch's per-batch loss, correct counts and step extras, kept as the device computed them and read
+    back every `every` batches (PGD itself never reads anything back). A read adds the pending
+    batches to float sums in batch order, so the totals are those of reading each batch as it ends, and
+    stops the run at the first non-finite loss, naming its batch (check_finite)."""
+
+    def __init__(self, every: int, epoch: int, last_good: Path, device):
+        self.every, self.epoch, self.last_good, self.device = every, epoch, last_good, device
+        self.sums = {"count": 0.0, "clean_correct": 0.0, "adv_correct": 0.0, "adv_count": 0.0}
+        self.pending = []
+
+    def add(self, index, loss, logits_nat, logits_adv, y, extras):
+        clean = (logits_nat.detach().argmax(1) == y).sum()
+        adv = None if logits_adv is None else (logits_adv.detach().argmax(1) == y).sum()
+        self.pending.append(_Batch(index, y.shape[0], loss.detach(), clean, adv, extras))
+
+    def due(self, index: int) -> bool:
+        return (index + 1) % self.every == 0
+
+    def read(self):
+        if not self.pending:
+            return
+        flagged = [batch for batch in self.pending if not torch.isfinite(batch.loss)]
+        checked = flagged[0] if flagged else self.pending[-1]  # every process checks at every read (a collective)
+        check_finite(checked.loss, self.epoch, checked.index, self.last_good, self.device)
+        sums = self.sums
+        for batch in self.pending:
+            sums["count"] += batch.n
+            sums["clean_correct"] += batch.clean_correct.item()
+            if batch.adv_correct is not None:
+                sums["adv_correct"] += batch.adv_correct.item()
+                sums["adv_count"] += batch.n
+            for key, value in {"train_loss": batch.loss, **batch.extras}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * batch.n
+        self.pending = []
+
+    def postfix(self) -> dict:
+        sums = self.sums
+        return dict(loss=f"{sums['train_loss'] / sums['count']:.3f}", clean=f"{sums['clean_correct'] / sums['count']:.3f}",
+                    adv=f"{sums['adv_correct'] / sums['adv_count']:.3f}" if sums["adv_count"] else "-")
+
+
 def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: RunDirectory, amp=False, desc="train",
-                grad_clip: float = 0.0):
+                grad_clip: float = 0.0, readback_every: int = None):
     """Train one epoch; step_fn(x, y, batch_index) -> (loss, logits_nat or None, logits_adv or None, extras dict).
 
     Returns the example-weighted means of the loss and of every extra, and the clean and adversarial
     accuracies on the training batches (clean from an extra no-grad eval forward when the step has none),
-    summed over all processes under torchrun. grad_clip > 0 clips the gradient's global norm.
+    summed over all processes under torchrun. grad_clip > 0 clips the gradient's global norm. The
+    statistics are read back every readback_every batches (default: readback_interval(device)); a
+    non-finite loss stops the run at the next read.
     """
     plain = distributed.unwrap(model)
-    sums = {"count": 0.0, "clean_correct": 0.0, "adv_correct": 0.0, "adv_count": 0.0}
+    totals = RunningTotals(readback_every or readback_interval(device), epoch, run_dir.last, device)
     bar = tqdm(loader, desc=f"{desc} {epoch + 1}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for index, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             loss, logits_nat, logits_adv, extras = step_fn(x, y, index)
-        check_finite(loss.detach(), epoch, index, run_dir.last, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -333,19 +423,13 @@ def train_epoch(model, loader, optimizer, step_fn, device, epoch: int, run_dir: 
         if logits_nat is None:
             with torch.no_grad(), frozen_eval(plain), autocast(device, amp):
                 logits_nat = plain(x)
-        n = y.shape[0]
-        sums["count"] += n
-        sums["clean_correct"] += (logits_nat.detach().argmax(1) == y).sum().item()
-        if logits_adv is not None:
-            sums["adv_correct"] += (logits_adv.detach().argmax(1) == y).sum().item()
-            sums["adv_count"] += n
-        for key, value in {"train_loss": loss.detach(), **extras}.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * n
-        # refresh=False: the bar is drawn by its own update, after this batch is counted (not "0/8" with new values)
-        bar.set_postfix(loss=f"{sums['train_loss'] / sums['count']:.3f}", clean=f"{sums['clean_correct'] / sums['count']:.3f}",
-                        adv=f"{sums['adv_correct'] / sums['adv_count']:.3f}" if sums["adv_count"] else "-",
-                        refresh=False)
-    sums = distributed.sum_across_processes(sums, device)
+        totals.add(index, loss, logits_nat, logits_adv, y, extras)
+        if totals.due(index):
+            totals.read()
+            # refresh=False: the bar is drawn by its own update, after this batch is counted (not "0/8" with new values)
+            bar.set_postfix(**totals.postfix(), refresh=False)
+    totals.read()
+    sums = distributed.sum_across_processes(totals.sums, device)
     count = max(sums.pop("count"), 1)
     clean_correct, adv_correct, adv_count = sums.pop("clean_correct"), sums.pop("adv_correct"), sums.pop("adv_count")
     stats = {key: value / count for key, value in sums.items()}
@@ -442,20 +526,20 @@ def evaluate(model, loader, attack: PGDConfig, device, seed: int, amp=False, des
     model = distributed.unwrap(model)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + 7907 * distributed.rank())
-    sums = {"clean": 0.0, "robust": 0.0, "count": 0.0}
+    clean, robust, count = 0, 0, 0.0  # the correct counts stay on the device until read (readback_interval)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
-    for x, y in bar:
+    for index, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             with torch.no_grad(), frozen_eval(model):
-                sums["clean"] += (model(x).argmax(1) == y).sum().item()
+                clean = clean + (model(x).argmax(1) == y).sum()
             x_adv = pgd_attack(model, x, y, attack, generator)
             with torch.no_grad(), frozen_eval(model):
-                sums["robust"] += (model(x_adv).argmax(1) == y).sum().item()
-        sums["count"] += y.shape[0]
-        bar.set_postfix(clean=f"{sums['clean'] / sums['count']:.3f}", pgd=f"{sums['robust'] / sums['count']:.3f}",
-                        refresh=False)
-    sums = distributed.sum_across_processes(sums, device)
+                robust = robust + (model(x_adv).argmax(1) == y).sum()
+        count += y.shape[0]
+        if (index + 1) % readback_interval(device) == 0:
+            bar.set_postfix(clean=f"{float(clean) / count:.3f}", pgd=f"{float(robust) / count:.3f}", refresh=False)
+    sums = distributed.sum_across_processes({"clean": float(clean), "robust": float(robust), "count": count}, device)
     if sums["count"] == 0:
         return {"clean_acc": float("nan"), "pgd_acc": float("nan")}
     return {"clean_acc": sums["clean"] / sums["count"], "pgd_acc": sums["robust"] / sums["count"]}
@@ -487,12 +571,7 @@ def freeze(module):
 
 def load_splits_rank_zero_first(args):
     """The data splits; under torchrun rank 0 downloads or unpacks the files while the others wait."""
-    if distributed.is_main():
-        splits = splits_from_args(args)
-        distributed.barrier()
-        return splits
-    distributed.barrier()
-    return splits_from_args(args)
+    return distributed.main_process_first(lambda: splits_from_args(args))
 
 
 def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None,
@@ -510,8 +589,11 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
             (warnings or RunWarnings()).keep_in(run_dir.path)
         seed_everything(args.seed)
         splits = load_splits_rank_zero_first(args)
+        fast = resolve_fast_path(args, device, device_data_possible=holds_arrays(splits.train))
+        if fast.device_data:
+            splits = device_splits(splits, device)
         spec = model_spec_from_args(args, splits.info)
-        model = model_from_spec(spec).to(device)
+        model = prepare_model(model_from_spec(spec).to(device), fast)
         trained = distributed.wrap(model, device)  # DistributedDataParallel under torchrun; broadcasts rank 0's init
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
@@ -525,7 +607,7 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
                           selects=len(splits.val) > 0)
         if not args.resume and distributed.is_main():
             run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
-                                                             "eval_attack": vars(eval_attack),
+                                                             "eval_attack": vars(eval_attack), "fast_path": asdict(fast),
                                                              "processes": distributed.world_size(), **(metadata or {})})
 
     def run_epoch(epoch):
@@ -533,12 +615,12 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
                              epoch=epoch, device=device, **shard)
         schedule = training_attack_schedule(train_attack, epoch, len(loader), args.warmup_epochs, args.eps_ramp_epochs)
         row = train_epoch(trained, loader, optimizer, make_step(trained, schedule, generator), device, epoch, run_dir,
-                          amp=args.amp, grad_clip=args.grad_clip)
+                          amp=fast.amp, grad_clip=args.grad_clip)
         for name, split in (("val", splits.val), ("test", splits.test)):
             loader = make_loader(split, eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
                                  device=device, **shard)
             # One attack seed for every epoch: the best epoch is then chosen on model change, not attack noise.
-            result = evaluate(model, loader, eval_attack, device, seed=args.seed, amp=args.amp, desc=name)
+            result = evaluate(model, loader, eval_attack, device, seed=args.seed, amp=fast.amp, desc=name)
             row[f"{name}_clean_acc"], row[f"{name}_pgd_acc"] = result["clean_acc"], result["pgd_acc"]
         return row
 
