@@ -132,6 +132,14 @@ MUTATIONS = {
     "autoattack-sees-bf16-logits": (
         "utils/evaluation.py", "adversary = cls(Float32Logits(model).eval(), **kwargs)", "adversary = cls(model, **kwargs)",
         ["tests/test_evaluation.py::test_autoattack_runs_the_standard_version_exactly"]),
+    "device-data-never-flips": (
+        "utils/data.py", "columns = left[:, None] + torch.where(flip[:, None].bool(), columns.flip(1), columns)",
+        "columns = left[:, None] + columns",
+        ["tests/test_gpu_speed.py::test_device_images_serve_the_host_loaders_cifar_batches"]),
+    "pgd-update-not-projected": (
+        "utils/attacks.py", "    delta = project(delta, norm, epsilon)\n    return (x + delta).clamp(0, 1) - x",
+        "    return (x + delta).clamp(0, 1) - x",
+        ["tests/test_attacks.py"]),
     "stage2-held-out-values-of-rank-0-only": (
         "utils/estimator_training.py", "distributed.interleave_shards(torch.cat(chunks))", "torch.cat(chunks)",
         ["tests/test_estimator_scripts.py::test_two_process_torchrun_averages_the_estimators_and_judges_every_held_out_sample"]),
