@@ -14,19 +14,31 @@ if str(REPO) not in sys.path:
 from utils.runtime import package_versions  # noqa: E402
 
 
+def seconds_of(fn, device) -> float:
+    """Wall time of one fn() call (CUDA synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, repeats: int, device) -> float:
     """Median wall time of fn() over `repeats` calls after one warm-up call (CUDA synchronised)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds_of(fn, device) for _ in range(repeats))
+
+
+def interleaved_medians(baseline, other, repeats: int, device) -> tuple:
+    """Median seconds of baseline() and other(), and the median of their per-round ratios other / baseline,
+    the two timed alternately in each of `repeats` rounds after one warm-up each: a change of machine load
+    then falls on both alike instead of on whichever was being timed."""
+    baseline(), other()
+    pairs = [(seconds_of(baseline, device), seconds_of(other, device)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(b / a for a, b in pairs))
 
 
 def machine_record(device) -> dict:
