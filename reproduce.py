@@ -2,18 +2,33 @@
 """The whole study from one command: every stage, every defense, every seed, then the comparison table.
 
 For each seed, in dependency order (independent stages run side by side with --jobs):
-    train_standard.py               Standard AT, TRADES, MART (and the transfer surrogate)
-    train_MI_estimator.py           the NAMID estimators, on the Standard AT target
-    train_MI_estimator_only_max.py  the WMIM estimators, on the same target
-    train_MIAT.py                   NAMID, NAMID-T, NAMID-M, WMIM
-    test_comparison.py              every defense under the preset's attacks, and PGD at several budgets
-then results.md / .csv / .json (the paper's Table 1 layout, mean +- std over seeds) and the figures.
-Re-running the same command skips finished stages and resumes an interrupted one.
+    train_standard.py               Standard AT, TRADES, MART (and the transfer surrogate); the seed talk's
+                                    SCE, MM-LDA, MMC-10, AT-MM-LDA, AT-MMC-10, the baseline ensemble,
+                                    ADP_{2,0}, ADP_{2,0.5} and AT + ADP_{2,0.5}
+    train_MI_estimator.py           the NAMID estimators, on the Standard AT target (for NAMID on MMC or ADP:
+                                    on AT-MMC-10 or AT + ADP_{2,0.5}, trained even when not a row)
+    train_MI_estimator_only_max.py  the WMIM estimators, on the same targets
+    train_MIAT.py                   NAMID, NAMID-T, NAMID-M, WMIM, NAMID (MMC-10), NAMID (ADP_{2,0.5})
+    test_comparison.py              every defense under the preset's attacks (once per evaluation variant
+                                    of the preset, e.g. per budget), and PGD at several budgets
+then results.md / .csv / .json (the paper's Table 1 layout, mean +- std over seeds, and the preset's published
+table for orientation) and the figures. Re-running the same command skips finished stages and resumes an
+interrupted one.
+
+Defenses (--defenses): standard-at, namid, trades, namid-t, mart, namid-m, wmim (the NAMID paper's); sce, mm-lda,
+mmc, at-mm-lda, at-mmc, ensemble, adp-2-0, adp, at-adp, namid-mmc, namid-adp (the seed talk's: softmax
+cross-entropy, the Max-Mahalanobis heads, ADP ensembles, each alone, with adversarial training, and with NAMID).
+
+Presets (--preset): cifar10-paper, cifar10-reference, tiny-imagenet-paper, mnist, fashion-mnist,
+fashion-mnist-cpu, demo (NAMID's study at various scales); seed-talk-fashion-mnist-cpu (the talk's MMC
+comparison with ADP and NAMID on an MMC head, CPU-sized) and adp-mnist-cpu (the ADP paper's MNIST Table 2 at
+CPU scale, under the authors' attack protocol and ours, at eps 0.1 and 0.15). reproduce.py --help describes each.
 
 Examples:
     python reproduce.py --preset demo                        # about 10 minutes on 2 CPU cores
     python reproduce.py --preset cifar10-paper --jobs 2      # the paper's study (GPU)
     python reproduce.py --preset fashion-mnist --seeds 0 1 2 --set train.epochs=10 eval.test-limit=1000
+    python reproduce.py --preset adp-mnist-cpu --data-dir data   # MNIST in torchvision's layout under data/
 """
 import json
 import os
@@ -44,13 +59,15 @@ def build_parser():
                             "script that has FLAG. Lists are space-separated: eval.attacks='pgd aa'. Switches: true/false.")
     group.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None, help="default: the preset's")
     group.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
-                       help=f"default: the preset's; any of {', '.join(DEFENSES)}")
+                       help=f"default: the preset's; any of {', '.join(DEFENSES)} (NAMID on MMC / ADP also trains "
+                            "its target, at-mmc / at-adp, and its estimators on it)")
     group.add_argument("--epsilons", type=budget_as_written, nargs="*", default=None,
                        help="L-inf budgets of the robust-accuracy-against-epsilon curve (default: the preset's; the flag "
                             "alone: no curve)")
     group.add_argument("--namid-estimators", choices=ESTIMATOR_RUNS, default=None,
-                       help="the stage-2 run NAMID, NAMID-T and NAMID-M read: train_MI_estimator.py's (estimators) or "
-                            "train_MI_estimator_only_max.py's (default: the preset's; WMIM always reads only-max)")
+                       help="the stage-2 run NAMID, NAMID-T, NAMID-M and NAMID on MMC / ADP read: "
+                            "train_MI_estimator.py's (estimators) or train_MI_estimator_only_max.py's (default: the "
+                            "preset's; WMIM always reads only-max)")
     group.add_argument("--curve-steps", type=positive_int, default=None,
                        help="PGD steps of that curve (default: the table's, eval.pgd-steps, so that both agree)")
     group = parser.add_argument_group("runtime")

@@ -3,9 +3,12 @@
 
 Every checkpoint (any stage's best.pt or last.pt) is attacked white-box with PGD-40 (L-inf), AutoAttack,
 FWA-40 (Wasserstein), TI-DIM, PGD-40 (L2), CW and DDN (thresholded at epsilon), and optionally with
-PGD-40 adversarials transferred from a --surrogate checkpoint. Architecture, dataset and normalisation
-come from each checkpoint. Writes results.json, results.csv and results.md (the paper's Table 1 layout,
-plus the per-example worst case of each threat model) into --out-dir.
+PGD-40 adversarials transferred from a --surrogate checkpoint. Adaptive L-inf attacks for defenses whose
+logits are all <= 0 (MMC, ADP) run when named in --attacks: fgsm, bim, mim, pgd-mt (multi-targeted margin
+PGD), pgd-restarts, and the ADP authors' protocol fgsm-p, bim-p, pgd-p, mim-p (cross-entropy on the
+probabilities taken as logits, beside the honest attack; utils/evaluation.py says why). Architecture,
+dataset and normalisation come from each checkpoint. Writes results.json, results.csv and results.md (the
+paper's Table 1 layout, plus the per-example worst case of each threat model) into --out-dir.
 
 Under torchrun (torchrun --standalone --nproc_per_node K test_comparison.py ...) the test batches are shared
 out over the K processes and their per-example results gathered; rank 0 writes the same files as a single
@@ -31,7 +34,8 @@ from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
-from utils.evaluation import (ATTACK_NAMES, WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
+from utils.evaluation import (ADAPTIVE_ATTACKS, ATTACK_NAMES, PROBABILITY_ATTACKS, WHITE_BOX_ATTACKS,
+                              WORST_CASE_GROUPS, attack_seed, build_attacks,
                               clean_predictions, fwa_default_radius, markdown_table, run_attack,
                               row_accuracies, run_transfer, sanity_warnings, sharded_loader, table_columns,
                               tidim_default_kernel, worst_case)
@@ -53,8 +57,10 @@ def build_parser():
     group.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                        help="row labels, one per checkpoint (default: the defense, e.g. 'Standard AT', 'NAMID-T')")
     group.add_argument("--attacks", nargs="+", choices=ATTACK_NAMES, default=None, metavar="ATTACK",
-                       help=f"any of: {', '.join(ATTACK_NAMES)} (default: every white-box attack, "
-                            f"plus transfer when --surrogate is given)")
+                       help=f"any of: {', '.join(ATTACK_NAMES)} (default: the paper's white-box attacks, "
+                            f"{' '.join(WHITE_BOX_ATTACKS)}, plus transfer when --surrogate is given; the adaptive "
+                            f"attacks {' '.join(ADAPTIVE_ATTACKS)} and the ADP authors' protocol "
+                            f"{' '.join(PROBABILITY_ATTACKS)} run only when named)")
     group.add_argument("--surrogate", default=None, metavar="CHECKPOINT",
                        help="checkpoint (or run folder) the transfer attack crafts its adversarials on (paper: VGG-19 "
                             "with Standard AT; default: none, no transfer attack)")
@@ -73,7 +79,7 @@ def build_parser():
     group.add_argument("--epsilon-l2", type=positive_number, default=None,
                        help="L2 budget (default 0.5 colour, 2.0 mnist, 1.5 fashion-mnist)")
 
-    group = parser.add_argument_group("pgd, pgd-l2 and transfer (paper: 40 steps, step eps/4, random start)")
+    group = parser.add_argument_group("pgd, pgd-p, pgd-l2 and transfer (paper: 40 steps, step eps/4, random start)")
     group.add_argument("--pgd-steps", type=positive_int, default=40)
     group.add_argument("--pgd-step-size", type=positive_number, default=None, help="default epsilon / 4")
     group.add_argument("--pgd-l2-steps", type=positive_int, default=40)
@@ -112,6 +118,30 @@ def build_parser():
     group.add_argument("--ddn-init-norm", type=positive_number, default=1.0)
     group.add_argument("--ddn-levels", type=nonnegative_int, default=256,
                        help="quantisation levels, 256 for 8-bit images (0: none; the published code used 16)")
+
+    group = parser.add_argument_group("fgsm, bim, mim and their -p variants (the ADP authors' attacks: no random "
+                                      "start; fgsm is one step of size epsilon)")
+    group.add_argument("--bim-steps", type=positive_int, default=10, help="iterative FGSM (the ADP authors' 10)")
+    group.add_argument("--bim-step-size", type=positive_number, default=None, help="default epsilon / 10")
+    group.add_argument("--mim-steps", type=positive_int, default=10,
+                       help="momentum iterative FGSM (Dong et al. 2018; the ADP authors' 10)")
+    group.add_argument("--mim-step-size", type=positive_number, default=None, help="default epsilon / 10")
+    group.add_argument("--mim-decay", type=nonnegative_number, default=1.0, help="momentum")
+
+    group = parser.add_argument_group("pgd-mt (multi-targeted PGD on the targeted margin h_t - max_{j != t} h_j, "
+                                      "Gowal et al. 2019; uniform random start)")
+    group.add_argument("--mt-steps", type=positive_int, default=40,
+                       help="steps per target (as pgd's 40, so the column differs from PGD-40 by its loss and targets)")
+    group.add_argument("--mt-step-size", type=positive_number, default=None, help="default epsilon / 4")
+    group.add_argument("--mt-targets", type=positive_int, default=None,
+                       help="wrong classes attacked, highest clean logit first (default: every wrong class, the "
+                            "number of classes - 1)")
+
+    group = parser.add_argument_group("pgd-restarts (long cross-entropy PGD with random restarts; per example the "
+                                      "first restart that fools the model)")
+    group.add_argument("--restarts", type=positive_int, default=5, help="random starts per example")
+    group.add_argument("--restarts-steps", type=positive_int, default=100, help="steps per restart")
+    group.add_argument("--restarts-step-size", type=positive_number, default=None, help="default epsilon / 10")
 
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds every attack and the --test-limit subset")
@@ -174,6 +204,13 @@ def resolve_settings(args, info):
     args.pgd_step_size = args.pgd_step_size or args.epsilon / 4
     args.pgd_l2_step_size = args.pgd_l2_step_size or args.epsilon_l2 / 4
     args.tidim_step_size = args.tidim_step_size or args.epsilon / 4
+    args.bim_step_size = args.bim_step_size or args.epsilon / 10
+    args.mim_step_size = args.mim_step_size or args.epsilon / 10
+    args.mt_step_size = args.mt_step_size or args.epsilon / 4
+    args.restarts_step_size = args.restarts_step_size or args.epsilon / 10
+    args.mt_targets = args.mt_targets or info.num_classes - 1
+    if args.mt_targets > info.num_classes - 1:
+        raise UserError(f"--mt-targets {args.mt_targets}: {info.name} has only {info.num_classes - 1} wrong classes")
     args.tidim_kernel_size = args.tidim_kernel_size or tidim_default_kernel(info.image_size)
     args.fwa_radius = args.fwa_radius or fwa_default_radius(info.name)
     if args.fwa_kernel_size % 2 == 0 or args.fwa_kernel_size < 3:
@@ -282,6 +319,12 @@ def results_markdown(summary: dict, records, columns, attacks) -> str:
                      f"about the method.")
     if "cw" in attacks or "ddn" in attacks:
         lines.append("CW and DDN are minimum-norm attacks: an adversarial counts only within the L2 epsilon.")
+    ran_on_p = [attacks[name].column for name in PROBABILITY_ATTACKS if name in attacks]
+    if ran_on_p:
+        lines.append(f"{', '.join(ran_on_p)}: the ADP authors' protocol (cleverhans 2.1.0), the attack's "
+                     f"cross-entropy on softmax(logits) taken as logits (on an ADP ensemble, on its averaged "
+                     f"probabilities); accuracy is the model's own. Shown beside the honest attack to measure whether "
+                     f"and by how much the protocol overstates robustness.")
     if "transfer" in attacks:
         lines.append(f"transfer: PGD adversarials crafted on {summary['surrogate']['checkpoint']} "
                      f"({summary['surrogate']['label']}), black-box for every row.")

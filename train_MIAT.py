@@ -17,7 +17,7 @@ from utils.errors import UserError, run_main
 from utils import distributed
 from utils.checkpoint import checkpoint_in, file_sha256
 from utils.estimator_training import load_estimators, read_informativeness, uninformative_reason
-from utils.losses import BASE_LOSSES, OBJECTIVES
+from utils.losses import BASE_LOSSES, OBJECTIVES, check_head_supports
 from utils.namid import MI_MODES, make_namid_step
 from utils.run_warnings import RunWarnings
 from utils.training import train_target_model
@@ -77,6 +77,10 @@ def check_estimators_fit(args, checkpoint, warnings):
         raise UserError(f"--estimators {args.estimators} do not match {args.dataset}'s images and classes")
     if list(target["mean"]) != list(info.mean) or list(target["std"]) != list(info.std):
         raise UserError(f"--estimators were trained on a target with another normalisation than {args.dataset}'s")
+    target_head = target.get("head", "softmax")
+    if target_head != args.head:
+        raise UserError(f"--estimators were trained on the logits of a target with the {target_head} head, not --head "
+                        f"{args.head}: estimators read one logit convention and cannot be reused for another")
     if target["arch"] != args.arch and not args.allow_arch_mismatch:
         raise UserError(f"--estimators were trained on the logits of a {target['arch']}, not a {args.arch} "
                         f"(pass --allow-arch-mismatch to do it anyway)")
@@ -109,13 +113,19 @@ def resolve_args(args, estimator_checkpoint):
             setattr(args, key, value)
     attack = estimator_checkpoint["attack"]
     args.dataset = args.dataset or estimator_checkpoint["estimator_spec"]["dataset"]
+    args.head = args.head or estimator_checkpoint["target_spec"].get("head", "softmax")
     args.norm = args.norm or attack["norm"]
     if args.epsilon is None and args.norm == attack["norm"]:
         args.epsilon = attack["epsilon"]
     resolve_dataset_defaults(args)
+    try:
+        check_head_supports(args.head, args.base_loss)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if args.model_dir is None:
         ablation = "".join(f"_{flag}" for flag, on in (("no-adv-mi", args.no_adv_mi), ("no-nat-mi", args.no_nat_mi)) if on)
-        args.model_dir = (f"checkpoints/{STAGE}_{args.mi_mode}{ablation}_{args.dataset}_{args.arch}_{args.base_loss}_"
+        head = "" if args.head == "softmax" else f"_{args.head}"
+        args.model_dir = (f"checkpoints/{STAGE}_{args.mi_mode}{ablation}_{args.dataset}_{args.arch}{head}_{args.base_loss}_"
                           f"{args.norm}_seed{args.seed}")
     # Stored among the arguments so that --resume refuses changed estimators.
     args.estimators_sha256 = file_sha256(args.estimators)
@@ -135,11 +145,11 @@ def main(argv=None):
     objective = OBJECTIVES[args.base_loss]
     measure = checkpoint["estimator_spec"]["measure"]
 
-    def make_step(model, schedule, generator):
+    def make_step(model, schedule, generator, head):
         return make_namid_step(model, estimators, objective, schedule, generator, beta=args.beta, alpha=args.alpha,
                                lam=args.lam, measure=measure, mi_mode=args.mi_mode, use_nat=not args.no_nat_mi,
                                use_adv=not args.no_adv_mi, bn_stats=args.bn_stats,
-                               alpha_warmup_epochs=args.alpha_warmup_epochs, min_selected=args.min_selected)
+                               alpha_warmup_epochs=args.alpha_warmup_epochs, min_selected=args.min_selected, head=head)
 
     metadata = {"estimators_checkpoint": str(Path(args.estimators).resolve()), "estimator_spec": checkpoint["estimator_spec"],
                 "estimator_objective": checkpoint.get("objective"), "estimators_informative": informative,

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Stage 1: train a target model with Standard AT (Madry et al.), TRADES or MART.
+"""Stage 1: train a target model with Standard AT (Madry et al.), TRADES or MART, or naturally; with a
+softmax head or one of the seed talk's heads (MM-LDA, MMC, an ADP ensemble: defenses/__init__.py).
 
-Example (Fashion-MNIST, SmallCNN, a subset; runs on a laptop CPU):
+Examples (Fashion-MNIST, SmallCNN, a subset; run on a laptop CPU):
     python train_standard.py --dataset fashion-mnist --train-limit 10000 --epochs 10
+    python train_standard.py --dataset fashion-mnist --train-limit 10000 --epochs 10 --head mmc          # AT-MMC-10
+    python train_standard.py --dataset fashion-mnist --train-limit 10000 --loss natural --head adp      # ADP_{2,0.5}
 """
 import sys
 from pathlib import Path
@@ -10,32 +13,40 @@ from pathlib import Path
 from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model_args, add_optimizer_args,
                        add_runtime_args, nonnegative_number, resolve_dataset_defaults)
 from utils.errors import UserError, run_main
-from utils.losses import BASE_LOSSES, OBJECTIVES
+from utils.losses import OBJECTIVES, TRAINING_LOSSES, check_head_supports
 from utils.training import make_adversarial_step, train_target_model
 
 STAGE = "standard"
 
 
 def build_parser():
-    parser = ArgumentParser(description="Stage 1: adversarial training of the target model (Standard AT / TRADES / MART).")
+    parser = ArgumentParser(description="Stage 1: training of the target model (Standard AT / TRADES / MART, or natural "
+                                        "training), with a softmax, MM-LDA, MMC or ADP-ensemble head.")
     add_data_args(parser)
     add_model_args(parser)
     add_optimizer_args(parser)
     add_attack_args(parser)
     group = parser.add_argument_group("objective")
-    group.add_argument("--loss", choices=BASE_LOSSES, default="at",
-                       help="at: Standard AT (Madry); trades: TRADES; mart: MART")
+    group.add_argument("--loss", choices=TRAINING_LOSSES, default="at",
+                       help="at: Standard AT (Madry; with --head mmc its attack ascends the CW margin, with adp it trains on "
+                            "x~ and x as the ADP paper's AT); trades: TRADES; mart: MART; natural: no attack, the head's "
+                            "own loss on clean images (best.pt is then selected on validation clean accuracy)")
     group.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term of TRADES / MART")
-    add_runtime_args(parser, "checkpoints/standard_<dataset>_<arch>_<loss>_<norm>_seed<seed>", fast_path=True)
+    add_runtime_args(parser, "checkpoints/standard_<dataset>_<arch>[_<head>]_<loss>_<norm>_seed<seed>", fast_path=True)
     return parser
 
 
 def parse_args(argv=None):
     args = resolve_dataset_defaults(build_parser().parse_args(argv))
     if args.model_dir is None:
-        args.model_dir = f"checkpoints/{STAGE}_{args.dataset}_{args.arch}_{args.loss}_{args.norm}_seed{args.seed}"
+        head = "" if args.head == "softmax" else f"_{args.head}"
+        args.model_dir = f"checkpoints/{STAGE}_{args.dataset}_{args.arch}{head}_{args.loss}_{args.norm}_seed{args.seed}"
     if args.norm == "linf" and args.epsilon >= 1:
         raise UserError(f"--epsilon {args.epsilon} is not an L-inf budget in [0, 1] pixel units (try 8/255)")
+    try:
+        check_head_supports(args.head, args.loss)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     return args
 
 
@@ -44,8 +55,8 @@ def main(argv=None):
     args = parse_args(argv)
     objective = OBJECTIVES[args.loss]
 
-    def make_step(model, schedule, generator):
-        return make_adversarial_step(model, objective, schedule, args.beta, generator, bn_stats=args.bn_stats)
+    def make_step(model, schedule, generator, head):
+        return make_adversarial_step(model, objective, schedule, args.beta, generator, bn_stats=args.bn_stats, head=head)
 
     train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step)
     return 0

@@ -27,7 +27,7 @@ def feature_size(image_size: int) -> int:
 class SmallCNN(nn.Module):
     """conv32-conv32-pool-conv64-conv64-pool-fc200-fc200-fc(num_classes), ReLU activations."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, zero_last_layer: bool = True):
         super().__init__()
         s = feature_size(image_size)
         if s < 1:
@@ -54,13 +54,16 @@ class SmallCNN(nn.Module):
         ]))
 
         # TRADES initialisation: He-normal convs with zero bias, and a zero last layer,
-        # so every class starts with logit 0 (fc1/fc2 keep PyTorch's default init).
+        # so every class starts with logit 0 (fc1/fc2 keep PyTorch's default init). An ADP ensemble's members
+        # keep the default init there (zero_last_layer False): identical uniform members would start ADP's
+        # log-determinant at its singular point, where its gradient is ~1/1e-6.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.classifier.fc3.weight)
-        nn.init.zeros_(self.classifier.fc3.bias)
+        if zero_last_layer:
+            nn.init.zeros_(self.classifier.fc3.weight)
+            nn.init.zeros_(self.classifier.fc3.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.feature_extractor(x)

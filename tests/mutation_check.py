@@ -73,8 +73,8 @@ MUTATIONS = {
         "utils/training.py", "eval_attack, device, seed=args.seed, amp", "eval_attack, device, seed=args.seed + 1000 * epoch, amp",
         ["tests/test_training.py::test_one_validation_attack_seed_for_every_epoch"]),
     "namid-clean-forward-updates-bn": (
-        "utils/namid.py", "logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True)",
-        "logits_nat = model(x)",
+        "utils/namid.py", "outputs_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True, head=head)",
+        "outputs_nat = model(x)",
         ["tests/test_training.py::test_bn_running_statistics_follow_the_policy"]),
     "selection-argmax-over-the-batch": (
         "utils/mi.py", "return (logits_nat.argmax(dim=1) == y) & (logits_adv.argmax(dim=1) != y)",
@@ -143,6 +143,52 @@ MUTATIONS = {
     "stage2-held-out-values-of-rank-0-only": (
         "utils/estimator_training.py", "distributed.interleave_shards(torch.cat(chunks))", "torch.cat(chunks)",
         ["tests/test_estimator_scripts.py::test_two_process_torchrun_averages_the_estimators_and_judges_every_held_out_sample"]),
+    "pgd-mt-one-target": (
+        "utils/evaluation.py", "for rank in range(min(targets, ranked.shape[1]))]", "for rank in range(1)]",
+        ["tests/test_adaptive_attacks.py::test_pgd_mt_reaches_a_class_that_untargeted_margin_pgd_and_the_first_target_miss"]),
+    "p-variants-without-the-softmax": (
+        "utils/evaluation.py", "return F.softmax(self.model(x).float(), dim=1)", "return self.model(x).float()",
+        ["tests/test_adaptive_attacks.py::test_p_variants_ascend_the_cross_entropy_on_the_averaged_probabilities"]),
+    "restarts-and-targets-keep-the-last-success": (
+        "utils/evaluation.py", "unbroken[index[broken]] = False", "unbroken[index[broken]] = True",
+        ["tests/test_adaptive_attacks.py::test_first_success_keeps_each_examples_first_adversarial_and_attacks_only_the_unbroken",
+         "tests/test_adaptive_attacks.py::test_pgd_restarts_is_robust_only_where_every_restart_failed_and_keeps_the_first_success"]),
+    "targeted-margin-masked-by-multiplication": (
+        "utils/attacks.py", "return -cw_margin(logits, target)",
+        "return logits.gather(1, target[:, None]).squeeze(1) - (logits * (1 - F.one_hot(target, logits.shape[1]))).amax(dim=1)",
+        ["tests/test_adaptive_attacks.py::test_targeted_margin_by_hand_on_all_negative_logits"]),
+    "mim-momentum-unguarded": (
+        "utils/attacks.py", "grad / torch.where(scale > 0, scale, torch.ones_like(scale))", "grad / scale",
+        ["tests/test_adaptive_attacks.py::test_mim_carries_its_momentum_over_a_zero_gradient"]),
+    # issue 12: the seed talk's heads
+    "mm-centers-unscaled": (
+        "defenses/max_mahalanobis.py", "    return scale * mu\n", "    return mu\n",
+        ["tests/test_defenses.py::test_centers_form_a_regular_simplex_of_norm_c"]),
+    "mm-lda-on-distances": (
+        "defenses/max_mahalanobis.py", "            return z @ self.centers.t()", "            return -squared_distances(z, self.centers)",
+        ["tests/test_defenses.py::test_mm_lda_logits_give_the_softmax_of_the_distance_form"]),
+    "mmc-training-attack-on-saturated-ce": (
+        "defenses/__init__.py", 'return "cw" if self.name == "mmc" else "ce"', 'return "ce"',
+        ["tests/test_defenses.py::test_objectives_with_heads"]),
+    "adp-at-without-the-clean-term": (
+        "defenses/__init__.py", "        return self.is_ensemble\n", "        return False\n",
+        ["tests/test_defenses.py::test_standard_at_uses_the_heads_loss",
+         "tests/test_defenses.py::test_adversarial_step_of_an_ensemble_trains_on_its_members"]),
+    "ensemble-logits-average-the-logits": (
+        "defenses/adp.py", "    return torch.logsumexp(F.log_softmax(member_logits.float(), dim=-1), dim=1) - torch.log(torch.tensor(float(k)))",
+        "    return member_logits.float().mean(dim=1)",
+        ["tests/test_defenses.py::test_ensemble_exposes_the_log_of_its_averaged_probabilities"]),
+    "adp-diversity-keeps-the-true-label": (
+        "defenses/adp.py", "    keep = ~F.one_hot(y, num_classes).bool()", "    keep = ~F.one_hot((y + 1) % num_classes, num_classes).bool()",
+        ["tests/test_defenses.py::test_adp_loss_matches_a_hand_computation"]),
+    "namid-head-not-taken-from-the-estimators": (
+        "train_MIAT.py", 'args.head = args.head or estimator_checkpoint["target_spec"].get("head", "softmax")',
+        'args.head = args.head or "softmax"',
+        ["tests/test_defenses.py::test_namid_takes_the_head_of_the_estimators_target"]),
+    "namid-base-loss-ignores-the-head": (
+        "utils/namid.py", "        base = training_loss(objective, head, outputs_nat, outputs_adv, y, beta)",
+        "        base = objective.loss(head.logits(outputs_nat), head.logits(outputs_adv), y, beta)",
+        ["tests/test_defenses.py::test_namid_on_a_head_reads_its_logits_and_its_loss"]),
 }
 
 

@@ -403,9 +403,9 @@ def run_in_process(argv, capsys):
 
 def test_unknown_attack_is_one_line_and_nonzero_exit(tiny_target):
     completed = subprocess.run([sys.executable, str(REPO / "test_comparison.py"), "--checkpoints", str(tiny_target),
-                                "--attacks", "pgd", "fgsm"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                                "--attacks", "pgd", "bogus"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
-    assert len(completed.stderr.strip().splitlines()) == 1 and "invalid choice: 'fgsm'" in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1 and "invalid choice: 'bogus'" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 

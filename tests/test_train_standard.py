@@ -5,14 +5,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import pytest
 import torch
 
 import train_standard
 from tests.conftest import REPO
-from utils import losses
 from tests.helpers import assert_one_line_error, assert_resume_is_bit_identical, digest, read_metrics, run_script
 from utils.training import NonFiniteLoss
 
@@ -88,9 +86,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path,
     model_dir = tmp_path / "nan"
     train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "1"))
     before = digest(model_dir / "last.pt")
-    nan_loss = lambda logits_nat, logits_adv, y, beta: logits_adv.sum() * float("nan")
-    monkeypatch.setitem(losses.OBJECTIVES, "at", replace(losses.OBJECTIVES["at"], loss_fn=nan_loss))
-    monkeypatch.setattr(train_standard, "OBJECTIVES", losses.OBJECTIVES)
+    import utils.training as training
+    nan_loss = lambda objective, head, outputs_nat, outputs_adv, y, beta: outputs_adv.sum() * float("nan")
+    monkeypatch.setattr(training, "training_loss", nan_loss)
     with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 2, batch 1"):
         train_standard.main(small_args(fmnist_dir, model_dir, "--epochs", "2", "--resume"))
     assert digest(model_dir / "last.pt") == before

@@ -4,6 +4,11 @@ Written by hand because the training loop needs things no library attack offers 
 random stream (the training loop's RNG is left untouched, so runs resume bit-identically), the
 TRADES KL objective, and returning the model to the mode it was in. tests/test_attacks.py checks it
 against torchattacks' PGD.
+
+Also here, for stage 4's adaptive attacks (utils/evaluation.py): the targeted margin h_t - max_{j != t} h_j
+that multi-targeted PGD ascends (pgd_attack with loss "targeted-margin" and a `target` per example), and
+MI-FGSM (momentum_attack). Every margin masks with -inf, never by multiplying with (1 - one_hot): on logits
+that are all <= 0 (MMC's -||z - mu||^2, ADP's log p_bar) a masked 0 would be the largest "other" logit.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 NORMS = ("linf", "l2")
-ATTACK_LOSSES = ("ce", "cw", "kl")
+ATTACK_LOSSES = ("ce", "cw", "kl", "targeted-margin")
 _TINY = 1e-12
 
 
@@ -23,7 +28,8 @@ class PGDConfig:
     epsilon: float = 8 / 255
     step_size: float = 2 / 255
     num_steps: int = 10
-    loss: str = "ce"            # ce: cross-entropy; cw: CW margin; kl: TRADES' KL to the clean prediction
+    loss: str = "ce"            # ce: cross-entropy; cw: CW margin; kl: TRADES' KL to the clean prediction;
+                                # targeted-margin: h_t - max_{j != t} h_j towards pgd_attack's `target`
     random_start: str = "uniform"  # uniform: uniform in the ball; normal: 0.001 * N(0, 1) (TRADES); none
 
     def __post_init__(self):
@@ -91,12 +97,20 @@ def cw_margin(logits, y):
     return others.amax(dim=1) - true
 
 
-def attack_objective(logits, y, loss, clean_probs=None):
+def targeted_margin(logits, target):
+    """Per-example targeted margin h_t - max_{j != t} h_j (positive when the model predicts t); the other
+    logits are masked with -inf (cw_margin), so it is right when every logit is <= 0."""
+    return -cw_margin(logits, target)
+
+
+def attack_objective(logits, y, loss, clean_probs=None, target=None):
     """The summed quantity that PGD ascends (a sum keeps per-example gradients independent of the batch size)."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     if loss == "cw":
         return cw_margin(logits, y).sum()
+    if loss == "targeted-margin":
+        return targeted_margin(logits, target).sum()
     return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction="sum")
 
 
@@ -138,7 +152,7 @@ def _update_for(model, x, config: PGDConfig):
     return _COMPILED_ASCEND[backend], step_size, epsilon
 
 
-def pgd_attack(model, x, y, config: PGDConfig, generator=None):
+def pgd_attack(model, x, y, config: PGDConfig, generator=None, target=None):
     """Adversarial examples for (x, y) within config's ball around x and inside [0, 1].
 
     The model runs in eval mode with parameter gradients off (both restored afterwards), the random
@@ -146,7 +160,10 @@ def pgd_attack(model, x, y, config: PGDConfig, generator=None):
     seeded one when None), never from the global RNG, and the result is detached. Nothing in the loop
     reads a value back to the host (no .item(), no data-dependent branch), so on a GPU the host queues
     every step without waiting for the device; the update is compiled when compile_attack_step(model) was called.
+    `target` (a class per example) is the class the "targeted-margin" loss pushes towards; other losses ignore it.
     """
+    if config.loss == "targeted-margin" and target is None:
+        raise ValueError('the "targeted-margin" loss needs a target class per example')
     if generator is None:
         generator = torch.Generator(device=x.device)
         generator.seed()
@@ -162,10 +179,36 @@ def pgd_attack(model, x, y, config: PGDConfig, generator=None):
         for _ in range(config.num_steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
-                objective = attack_objective(model(x + delta), y, config.loss, clean_probs)
+                objective = attack_objective(model(x + delta), y, config.loss, clean_probs, target)
                 grad, = torch.autograd.grad(objective, delta)
             with torch.no_grad():
                 delta = update(x, delta.detach(), grad, config.norm, step_size, epsilon)
+    return (x + delta).detach()
+
+
+def momentum_attack(model, x, y, epsilon: float, step_size: float, num_steps: int, decay: float = 1.0):
+    """MI-FGSM (Dong et al. 2018) under L-inf, on the cross-entropy, from x itself (no random start):
+    g <- decay * g + grad / mean|grad| (per example), x <- clip to the ball and [0, 1] of x + step * sign(g).
+
+    torchattacks' MIFGSM computes the same (it handles one channel and the [0, 1] box correctly) but divides
+    by mean|grad| unguarded: where the cross-entropy is saturated, as on an MMC model whose logits are ~10^2
+    apart, the gradient is exactly 0, its momentum becomes NaN for good, and since sign(NaN) = 0 the example
+    stops there even where the momentum would carry it on. Here a zero gradient adds nothing to the momentum.
+    The model runs as in pgd_attack (eval mode, parameter gradients off, both restored)."""
+    x = x.detach()
+    with frozen_eval(model):
+        delta = torch.zeros_like(x)
+        momentum = torch.zeros_like(x)
+        dims = tuple(range(1, x.dim()))
+        for _ in range(num_steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                objective = attack_objective(model(x + delta), y, "ce")
+                grad, = torch.autograd.grad(objective, delta)
+            with torch.no_grad():
+                scale = grad.abs().mean(dim=dims, keepdim=True)
+                momentum = decay * momentum + grad / torch.where(scale > 0, scale, torch.ones_like(scale))
+                delta = ascend(x, delta.detach(), momentum, "linf", step_size, epsilon)
     return (x + delta).detach()
 
 

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from models.estimators import build_estimators
+from defenses import head_for
 from utils.attacks import PGDConfig, pgd_attack
 from utils import distributed
 from utils.checkpoint import atomic_write_json, checkpoint_in, file_sha256, load_checkpoint, load_state_dict_checked
@@ -431,7 +432,9 @@ def _train_estimators(args, argv, script, objective, objective_name):
         generator = attack_generator(args.seed, device)
         if not distributed.is_main():
             seed_process(args.seed, 0, generator)
-        attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps)
+        # The target's own training attack loss: the CW margin for an MMC target, whose cross-entropy is saturated.
+        attack = PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps,
+                           loss=head_for(target_checkpoint["model_spec"]).attack_loss)
         metadata = {"objective": objective_name, "target_spec": target_checkpoint["model_spec"],
                     "target_checkpoint": str(Path(args.target_model).resolve()), "target_sha256": args.target_sha256,
                     "attack": vars(attack)}

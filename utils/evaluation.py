@@ -6,6 +6,22 @@ classifies its adversarial correctly. Minimum-norm attacks (CW, DDN) are thresho
 farther than epsilon from x is replaced by x itself (the published code did not threshold, which
 made its CW/DDN numbers incomparable). The worst case of a threat model counts an example as robust
 only when it is classified correctly clean and survives every attack of that threat model.
+
+Besides the paper's attacks (the default), adaptive L-inf attacks run when named, for the defenses whose
+logits defeat the usual losses (MMC: h_i = -||z - mu_i||^2, all <= 0 and ~10^2 apart, so the cross-entropy
+is saturated; ADP: log of the members' averaged probabilities, all <= 0): fgsm, bim and mim (the ADP
+authors' attacks, honest: their cross-entropy is on the model's logits), pgd-mt (multi-targeted PGD on the
+targeted margin h_t - max_{j != t} h_j, masked with -inf, so right on all-negative logits), and pgd-restarts
+(a long cross-entropy PGD with random restarts). torchattacks' CW and UPGD(loss='margin') are never used:
+they mask the true logit by multiplying with (1 - one_hot), which on all-negative logits makes the masked 0
+the maximum.
+
+The "-p" variants fgsm-p, bim-p, pgd-p and mim-p are the ADP authors' evaluation protocol (cleverhans 2.1.0):
+the same attack and settings, but its cross-entropy computed on softmax(logits) taken as logits (for ADP,
+whose logits are log p_bar, that is the cross-entropy on the averaged probabilities p_bar, as they ran it).
+Accuracy is still that of the real model. They exist to show, side by side with the honest attack, whether
+and by how much that protocol overstates robustness; the L-inf worst case includes them (they can only
+lower it).
 """
 import importlib
 import inspect
@@ -23,23 +39,34 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils import distributed
 from utils.advertorch_compat import advertorch_attacks
-from utils.attacks import PGDConfig, frozen_eval, perturbation_norms, pgd_attack
+from utils.attacks import PGDConfig, frozen_eval, momentum_attack, perturbation_norms, pgd_attack
 from utils.errors import UserError
 from utils.fwa import FWAConfig, LocalTransport, fw_wasserstein_attack
 from utils.runtime import autocast
 
-# Table order of the paper's Table 1: L-inf group, then L2 group; transfer (Table 2) last.
+# The white-box attacks of the paper's Table 1, in its order (L-inf group, then L2 group): the default.
 WHITE_BOX_ATTACKS = ("pgd", "aa", "fwa", "tidim", "pgd-l2", "cw", "ddn")
-ATTACK_NAMES = WHITE_BOX_ATTACKS + ("transfer",)
+# Adaptive L-inf attacks (module docstring), run only when named; the "-p" variants are the ADP authors'
+# protocol (cross-entropy on softmax(logits) taken as logits), each beside its honest attack in the table.
+ADAPTIVE_ATTACKS = ("fgsm", "bim", "mim", "pgd-mt", "pgd-restarts")
+PROBABILITY_ATTACKS = {"fgsm-p": "fgsm", "bim-p": "bim", "pgd-p": "pgd", "mim-p": "mim"}  # -p variant: honest attack
+# Table order: the L-inf columns (FWA, a threat model of its own, among them as in the paper), the L2 ones.
+LINF_COLUMNS = ("pgd", "pgd-p", "aa", "fwa", "tidim", "fgsm", "fgsm-p", "bim", "bim-p", "mim", "mim-p", "pgd-mt",
+                "pgd-restarts")
+L2_COLUMNS = ("pgd-l2", "cw", "ddn")
+ATTACK_NAMES = LINF_COLUMNS + L2_COLUMNS + ("transfer",)
 # The attacks whose per-example AND is a threat model's worst case. FWA is a threat model of its own,
 # and the transfer attack is black-box (reported separately, as the paper's Table 2).
-WORST_CASE_GROUPS = {"linf": ("pgd", "aa", "tidim"), "l2": ("pgd-l2", "cw", "ddn")}
+WORST_CASE_GROUPS = {"linf": ("pgd", "aa", "tidim", "fgsm", "bim", "mim", "pgd-mt", "pgd-restarts", "fgsm-p",
+                              "bim-p", "pgd-p", "mim-p"),
+                     "l2": ("pgd-l2", "cw", "ddn")}
 WORST_CASE_HEADERS = {"linf": "Worst L-inf", "l2": "Worst L2"}
 
 # FWA radius, relative to the image's total mass (see fwa_default_radius).
@@ -102,6 +129,79 @@ def threshold_minimum_norm(x, x_adv, epsilon: float, norm: str = "l2"):
 def _pgd(config: PGDConfig):
     def craft(model, x, y, generator):
         return AttackOutput(pgd_attack(model, x, y, config, generator))
+    return craft
+
+
+class SoftmaxAsLogits(nn.Module):
+    """What the "-p" attacks see: softmax(model(x)) returned as if it were logits, so that their cross-entropy
+    is CE(softmax(softmax(logits))): on an ADP ensemble (logits log p_bar) the cross-entropy on the averaged
+    probabilities p_bar, as the ADP authors' cleverhans 2.1.0 evaluation computed it. It starts in the
+    model's train/eval mode, so that frozen_eval hands the model back in the mode it found it in."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, x):
+        return F.softmax(self.model(x).float(), dim=1)
+
+
+def _on_probabilities(craft):
+    """The attack `craft`, crafting on SoftmaxAsLogits(model); its result is judged on the model itself."""
+    def craft_on_probabilities(model, x, y, generator):
+        return craft(SoftmaxAsLogits(model), x, y, generator)
+    return craft_on_probabilities
+
+
+def first_success(model, x, y, runs):
+    """Per example, the first run's adversarial that the model misclassifies, or the last run's where none does.
+
+    runs: functions (x, y, index) -> adversarials of x, called in turn on the examples (index: their rows in
+    the batch) that no earlier run has broken; the runs stop once every example is broken."""
+    x_adv = x.detach().clone()
+    unbroken = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    for run in runs:
+        index = unbroken.nonzero().squeeze(1)
+        if len(index) == 0:
+            break
+        candidate = run(x[index], y[index], index)
+        with torch.no_grad(), frozen_eval(model):
+            broken = model(candidate).argmax(dim=1) != y[index]
+        x_adv[index] = candidate.to(x_adv.dtype)
+        unbroken[index[broken]] = False
+    return x_adv
+
+
+def _multi_targeted(config: PGDConfig, targets: int):
+    """Multi-targeted PGD (Gowal et al. 2019; Tramer et al. 2020 against MMC): for each of the `targets`
+    wrong classes with the highest clean logits, highest first, PGD on the targeted margin towards it, on
+    the examples no earlier target broke (first_success)."""
+    def craft(model, x, y, generator):
+        with torch.no_grad(), frozen_eval(model):
+            logits = model(x).float()
+        wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+        ranked = wrong.sort(dim=1, descending=True, stable=True).indices[:, :logits.shape[1] - 1]
+        runs = [lambda xs, ys, index, rank=rank: pgd_attack(model, xs, ys, config, generator,
+                                                            target=ranked[index, rank])
+                for rank in range(min(targets, ranked.shape[1]))]
+        return AttackOutput(first_success(model, x, y, runs))
+    return craft
+
+
+def _restarts(config: PGDConfig, restarts: int):
+    """PGD from `restarts` random starts, each on the examples no earlier restart broke (first_success)."""
+    def craft(model, x, y, generator):
+        runs = [lambda xs, ys, index: pgd_attack(model, xs, ys, config, generator)] * restarts
+        return AttackOutput(first_success(model, x, y, runs))
+    return craft
+
+
+def _mim(epsilon, step_size, steps, decay):
+    """MI-FGSM by utils.attacks.momentum_attack, not torchattacks' MIFGSM: an exactly zero (saturated)
+    cross-entropy gradient makes that one's momentum NaN and freezes the example (see momentum_attack)."""
+    def craft(model, x, y, generator):
+        return AttackOutput(momentum_attack(model, x, y, epsilon, step_size, steps, decay))
     return craft
 
 
@@ -304,7 +404,68 @@ def build_attacks(names, args, num_classes: int) -> list:
                                     "implementation": "utils.attacks.pgd_attack"},
                                    _pgd(pgd), white_box=False),
     }
+    attacks.update(adaptive_attacks(args, num_classes, attacks["pgd"]))
     return [attacks[name]() for name in names]
+
+
+CE_ON_PROBABILITIES = ("the ADP authors' protocol (cleverhans 2.1.0): cross-entropy on softmax(logits) taken as "
+                       "logits, i.e. on p_bar for an ADP ensemble; shown beside the honest attack to measure "
+                       "whether and by how much it overstates robustness; accuracy is the real model's")
+
+
+def adaptive_attacks(args, num_classes: int, pgd: Callable) -> dict:
+    """build_attacks' entries for the adaptive attacks and the "-p" variants (module docstring); pgd makes
+    the pgd attack, which pgd-p wraps."""
+    eps = args.epsilon
+
+    def sign_attack(name, column, steps, step_size):  # fgsm, bim: PGD without random start
+        config = PGDConfig("linf", eps, step_size, steps, random_start="none")
+        return Attack(name, column, "linf", eps,
+                      {"epsilon": eps, "step_size": step_size, "steps": steps, "random_start": "none", "loss": "ce",
+                       "implementation": "utils.attacks.pgd_attack"}, _pgd(config))
+
+    def mim():
+        return Attack("mim", f"MIM-{args.mim_steps}", "linf", eps,
+                      {"epsilon": eps, "step_size": args.mim_step_size, "steps": args.mim_steps,
+                       "decay": args.mim_decay, "random_start": "none", "loss": "ce", "implementation": "utils.attacks.momentum_attack"},
+                      _mim(eps, args.mim_step_size, args.mim_steps, args.mim_decay))
+
+    def pgd_mt():
+        config = PGDConfig("linf", eps, args.mt_step_size, args.mt_steps, loss="targeted-margin")
+        targets = min(args.mt_targets or num_classes - 1, num_classes - 1)
+        return Attack("pgd-mt", f"PGD-MT-{config.num_steps}x{targets}", "linf", eps,
+                      {"epsilon": eps, "step_size": config.step_size, "steps": config.num_steps, "targets": targets,
+                       "target_order": "wrong classes by clean logit, highest first", "random_start": "uniform",
+                       "loss": "targeted margin h_t - max_{j != t} h_j (masked with -inf)",
+                       "keeps": "per example the first target's adversarial that fools the model, else the last's",
+                       "implementation": "utils.evaluation.first_success over utils.attacks.pgd_attack"},
+                      _multi_targeted(config, targets))
+
+    def pgd_restarts():
+        config = PGDConfig("linf", eps, args.restarts_step_size, args.restarts_steps)
+        return Attack("pgd-restarts", f"PGD-{config.num_steps}x{args.restarts}", "linf", eps,
+                      {"epsilon": eps, "step_size": config.step_size, "steps": config.num_steps,
+                       "restarts": args.restarts, "random_start": "uniform", "loss": "ce",
+                       "keeps": "per example the first restart's adversarial that fools the model, else the last's",
+                       "implementation": "utils.evaluation.first_success over utils.attacks.pgd_attack"},
+                      _restarts(config, args.restarts))
+
+    honest = {
+        "fgsm": lambda: sign_attack("fgsm", "FGSM", 1, eps),
+        "bim": lambda: sign_attack("bim", f"BIM-{args.bim_steps}", args.bim_steps, args.bim_step_size),
+        "mim": mim,
+        "pgd": pgd,
+    }
+
+    def on_probabilities(name):
+        attack = honest[PROBABILITY_ATTACKS[name]]()
+        return Attack(name, f"{attack.column} (CE on p)", attack.threat, attack.bound,
+                      {**attack.settings, "loss": "ce on softmax(logits) taken as logits",
+                       "protocol": CE_ON_PROBABILITIES},
+                      _on_probabilities(attack.craft))
+
+    return {"fgsm": honest["fgsm"], "bim": honest["bim"], "mim": mim, "pgd-mt": pgd_mt, "pgd-restarts": pgd_restarts,
+            **{name: (lambda name=name: on_probabilities(name)) for name in PROBABILITY_ATTACKS}}
 
 
 def attack_seed(seed: int, name: str) -> int:
@@ -655,15 +816,16 @@ def sanity_warnings(label: str, clean: AttackResult, results: dict, attacks: dic
 
 
 def table_columns(attack_names, attacks: dict, transfer_header: str = None) -> list:
-    """(key, header) per column in the paper's Table 1 order: clean, the L-inf attacks, FWA, the L-inf
-    worst case, the L2 attacks, the L2 worst case, then the transfer attack (Table 2)."""
+    """(key, header) per column in the paper's Table 1 order: clean, the L-inf attacks and FWA (the adaptive
+    attacks after the paper's, each "-p" variant beside its honest attack), the L-inf worst case, the L2
+    attacks, the L2 worst case, then the transfer attack (Table 2)."""
     columns = [("clean", "None")]
-    for name in ("pgd", "aa", "fwa", "tidim"):
+    for name in LINF_COLUMNS:
         if name in attack_names:
             columns.append((name, attacks[name].column))
     if any(name in attack_names for name in WORST_CASE_GROUPS["linf"]):
         columns.append(("worst_linf", WORST_CASE_HEADERS["linf"]))
-    for name in ("pgd-l2", "cw", "ddn"):
+    for name in L2_COLUMNS:
         if name in attack_names:
             columns.append((name, attacks[name].column))
     if any(name in attack_names for name in WORST_CASE_GROUPS["l2"]):

@@ -1,7 +1,10 @@
-"""The base adversarial-training objectives: Standard AT (Madry), TRADES and MART.
+"""The training objectives: natural training, and the base adversarial-training objectives Standard AT
+(Madry), TRADES and MART.
 
-Each objective is an attack (how x~ is crafted during training) plus a loss computed from the
+Each adversarial objective is an attack (how x~ is crafted during training) plus a loss computed from the
 logits h(x) and h(x~), so that NAMID (stage 3) can reuse the same two forward passes for its MI terms.
+With another head than softmax (defenses/__init__.py), natural training and Standard AT use that head's
+own loss in place of cross-entropy (training_loss).
 """
 from dataclasses import dataclass, replace
 
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from utils.attacks import PGDConfig
 
 BASE_LOSSES = ("at", "trades", "mart")
+TRAINING_LOSSES = ("natural",) + BASE_LOSSES
 _LOG_EPS = 1e-12
 
 
@@ -50,12 +54,34 @@ class Objective:
     attack_loss: str          # the loss the training attack ascends
     random_start: str         # the training attack's initialisation
     needs_clean_logits: bool  # whether the loss uses h(x) (with gradient) as well as h(x~)
+    adversarial: bool = True  # False: natural training, no attack
 
-    def training_attack(self, base: PGDConfig) -> PGDConfig:
-        return replace(base, loss=self.attack_loss, random_start=self.random_start)
+    def training_attack(self, base: PGDConfig, head=None) -> PGDConfig:
+        """The training attack; under Standard AT it ascends the loss the head asks for (MMC: the CW margin)."""
+        loss = head.attack_loss if head is not None and self.name == "at" else self.attack_loss
+        return replace(base, loss=loss, random_start=self.random_start)
 
     def loss(self, logits_nat, logits_adv, y, beta):
         return self.loss_fn(logits_nat, logits_adv, y, beta)
+
+    def needs_clean_outputs(self, head=None) -> bool:
+        """Whether the loss reads the outputs on x (ADP's adversarial training does, as TRADES and MART)."""
+        return self.needs_clean_logits or (head is not None and self.name == "at" and head.adversarial_loss_uses_clean)
+
+
+def training_loss(objective: Objective, head, outputs_nat, outputs_adv, y, beta):
+    """The objective's loss with the head's outputs (defenses.Head): Standard AT is the head's adversarial loss
+    (cross-entropy on h(x~) for softmax heads, exactly standard_at_loss); TRADES and MART read the logits."""
+    if objective.name == "at":
+        return head.adversarial_loss(outputs_nat, outputs_adv, y)
+    return objective.loss(head.logits(outputs_nat), head.logits(outputs_adv), y, beta)
+
+
+def check_head_supports(head_name: str, loss: str):
+    """ValueError when an objective is not defined for a head (defenses/__init__.py says why)."""
+    if loss in ("trades", "mart") and head_name not in ("softmax", "mm-lda"):
+        raise ValueError(f"{loss.upper()} uses a softmax over the logits, which is saturated for the {head_name} head "
+                         f"(mmc) or not its prediction rule (adp); use --loss natural or at with --head {head_name}")
 
 
 OBJECTIVES = {
@@ -64,4 +90,6 @@ OBJECTIVES = {
     "trades": Objective("trades", trades_loss, "kl", "normal", needs_clean_logits=True),
     # MART's reference code also starts its CE attack from a small Gaussian.
     "mart": Objective("mart", mart_loss, "ce", "normal", needs_clean_logits=True),
+    # Natural (non-adversarial) training: the head's loss on clean images, as the SCE/MMC/ADP rows of the seed talk.
+    "natural": Objective("natural", None, "ce", "none", needs_clean_logits=True, adversarial=False),
 }

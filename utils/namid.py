@@ -8,11 +8,11 @@ Lcos(a, b) = 1 - cos(a, b) over the vectors of per-sample estimates on the selec
 writes a per-sample scalar form, which is degenerate). An empty X' contributes exactly zero.
 """
 import torch
-import torch.nn.functional as F
 
 from utils import distributed
 from utils.attacks import pgd_attack
-from utils.training import clean_logits_in_train_mode
+from utils.losses import training_loss
+from utils.training import SOFTMAX, clean_logits_in_train_mode, natural_step
 from utils.mi import (cosine, full_precision, local_encoding, local_encodings, masked_mean, mi_estimate, mi_quantities,
                       select_misled)
 
@@ -84,7 +84,7 @@ def alpha_schedule(alpha: float, warmup_epochs: float):
 
 def make_namid_step(model, estimators, objective, schedule, generator, *, beta, alpha, lam, measure,
                     mi_mode="namid", use_nat=True, use_adv=True, bn_stats="base", alpha_warmup_epochs=0.0,
-                    min_selected=1):
+                    min_selected=1, head=SOFTMAX):
     """The stage-3 step: L_all = L_base + alpha * L_mi, alpha ramped from 0 over the first
     alpha_warmup_epochs adversarial epochs (schedule.adversarial_epochs), L_mi off in batches whose X'
     has fewer than min_selected samples (namid_step_mi).
@@ -93,16 +93,16 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
     Eq. 6 selection, the base loss and every MI term. bn_stats decides whether the clean forward updates
     BatchNorm running statistics (clean_logits_in_train_mode). The estimators are frozen (eval mode, no parameter
     gradients), and their local encodings, which do not depend on theta, are computed once under no_grad.
-    The published code ran 7 target forwards per step (docs/method.md section 8).
+    The published code ran 7 target forwards per step (docs/method.md section 8). With another head
+    (defenses/__init__.py) L_base is that head's (MMC loss, ADP loss), and the selection and the estimators
+    read the head's logits (an ensemble's log p_bar), the ones the estimators were trained on.
     """
     alpha_at = alpha_schedule(alpha, alpha_warmup_epochs)
 
     def step(x, y, index):
         config = schedule(index)
         if config is None:  # clean warm-up epoch: no attack, no MI term
-            model.train()
-            logits = model(x)
-            return F.cross_entropy(logits, y), logits, None, {}
+            return natural_step(model, x, y, head)
         x_adv = pgd_attack(distributed.unwrap(model), x, y, config, generator)
         with torch.no_grad():
             if mi_mode == "namid":
@@ -110,9 +110,10 @@ def make_namid_step(model, estimators, objective, schedule, generator, *, beta, 
             else:
                 local_adv_image = local_encoding(estimators["natural"], x_adv)
         model.train()
-        logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True)
-        logits_adv = model(x_adv)
-        base = objective.loss(logits_nat, logits_adv, y, beta)
+        outputs_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, for_mi=True, head=head)
+        outputs_adv = head.outputs(model, x_adv)
+        base = training_loss(objective, head, outputs_nat, outputs_adv, y, beta)
+        logits_nat, logits_adv = head.logits(outputs_nat), head.logits(outputs_adv)
         if mi_mode == "namid":
             mi, terms = namid_step_mi(estimators, local_nat, local_adv, logits_nat, logits_adv, y, measure, lam,
                                       use_nat, use_adv, min_selected)

@@ -4,8 +4,11 @@ they are not.
 
 Every stage writes into its own folder under the study folder:
     seed<s>/<defense>            stages 1 and 3 (best.pt, last.pt, metrics.csv, config.json)
-    seed<s>/estimators, seed<s>/only-max, seed<s>/surrogate
+    seed<s>/estimators, seed<s>/only-max   stage 2 on the Standard AT target
+    seed<s>/only-max-<target>    stage 2 on another stage-1 target (e.g. only-max-at-mmc for NAMID on MMC)
+    seed<s>/surrogate
     seed<s>/eval-<defense>       stage 4: the comparison table's row (results.json)
+    seed<s>/eval-<defense>-<v>   the same under the preset's evaluation variant v (eval_variants)
     seed<s>/curve-eps<e>         stage 4: PGD at one budget for every defense
 and, when it finished, a reproduce_stage.json with the exact command line and the SHA-256 of the
 files it read. A stage is skipped only when that record matches what would be run now.
@@ -37,37 +40,90 @@ SECTIONS = {"standard": "standard", "estimators": "estimators", "only-max": "onl
             "eval": "eval", "surrogate": "standard"}
 ESTIMATOR_RUNS = ("estimators", "only-max")  # the two stage-2 runs (and sections)
 SECTION_GROUPS = {"train": ("standard", "namid"), "mi": ESTIMATOR_RUNS}
-# Flags the runner sets itself, per run: overriding them would break the study's wiring.
+# Flags the runner sets itself, per run: overriding them would break the study's wiring (the head, and ADP's
+# weights, are what makes a defense; stage 3's head must be its estimators' target's).
 RUNNER_OWNED = {"model-dir", "model_dir", "out-dir", "target-model", "estimators", "checkpoints", "surrogate",
                 "resume", "seed", "loss", "base-loss", "mi-mode", "labels", "report-only", "device", "data-dir",
-                "tensorboard"}
+                "tensorboard", "head", "adp-alpha", "adp-beta"}
+# The stage-1 defense whose best.pt the NAMID paper's stage-2 estimators are trained on.
+DEFAULT_TARGET = "standard-at"
 
 
 @dataclass(frozen=True)
 class Defense:
-    label: str      # as the paper's tables name it
+    label: str      # as the paper's (or the talk's) tables name it
     section: str    # standard (stage 1) or namid (stage 3)
     flags: tuple    # what makes this defense, e.g. ("--loss", "trades")
     estimators: str = None  # the stage-2 run it needs
+    target: str = None      # with estimators: the stage-1 defense whose best.pt that run is trained on
 
 
+def _namid(label, flags, estimators="estimators", target=DEFAULT_TARGET):
+    return Defense(label, "namid", flags, estimators, target)
+
+
+# ADP ensembles: alpha (entropy) and beta (log diversity) written out, as the labels name them.
+_ADP_2_05 = ("--head", "adp", "--adp-alpha", "2", "--adp-beta", "0.5")
 DEFENSES = {
     "standard-at": Defense("Standard AT", "standard", ("--loss", "at")),
-    "namid": Defense("NAMID", "namid", ("--base-loss", "at"), "estimators"),
+    "namid": _namid("NAMID", ("--base-loss", "at")),
     "trades": Defense("TRADES", "standard", ("--loss", "trades")),
-    "namid-t": Defense("NAMID-T", "namid", ("--base-loss", "trades"), "estimators"),
+    "namid-t": _namid("NAMID-T", ("--base-loss", "trades")),
     "mart": Defense("MART", "standard", ("--loss", "mart")),
-    "namid-m": Defense("NAMID-M", "namid", ("--base-loss", "mart"), "estimators"),
-    "wmim": Defense("WMIM", "namid", ("--mi-mode", "wmim"), "only-max"),
+    "namid-m": _namid("NAMID-M", ("--base-loss", "mart")),
+    "wmim": _namid("WMIM", ("--mi-mode", "wmim"), "only-max"),
+    # the seed talk's defenses: softmax cross-entropy and the Max-Mahalanobis heads, trained naturally or with AT
+    "sce": Defense("SCE", "standard", ("--loss", "natural")),
+    "mm-lda": Defense("MM-LDA", "standard", ("--loss", "natural", "--head", "mm-lda")),
+    "mmc": Defense("MMC-10", "standard", ("--loss", "natural", "--head", "mmc")),
+    "at-mm-lda": Defense("AT-MM-LDA", "standard", ("--loss", "at", "--head", "mm-lda")),
+    "at-mmc": Defense("AT-MMC-10", "standard", ("--loss", "at", "--head", "mmc")),
+    # the ADP paper's ensembles: its baseline (alpha = beta = 0: the sum of the members' cross-entropies),
+    # ADP_{2,0}, ADP_{2,0.5}, and ADP_{2,0.5} with adversarial training
+    "ensemble": Defense("Baseline ensemble", "standard",
+                        ("--loss", "natural", "--head", "adp", "--adp-alpha", "0", "--adp-beta", "0")),
+    "adp-2-0": Defense("ADP_{2,0}", "standard", ("--loss", "natural", "--head", "adp", "--adp-alpha", "2",
+                                                 "--adp-beta", "0")),
+    "adp": Defense("ADP_{2,0.5}", "standard", ("--loss", "natural", *_ADP_2_05)),
+    "at-adp": Defense("AT + ADP_{2,0.5}", "standard", ("--loss", "at", *_ADP_2_05)),
+    # NAMID on those heads: the estimators are trained on the AT model with the same head, and stage 3 builds
+    # that head (train_MIAT.py refuses a head other than its estimators' target's)
+    "namid-mmc": _namid("NAMID (MMC-10)", ("--base-loss", "at", "--head", "mmc"), target="at-mmc"),
+    "namid-adp": _namid("NAMID (ADP_{2,0.5})", ("--base-loss", "at", *_ADP_2_05), target="at-adp"),
 }
 assert tuple(DEFENSES) == ALL_DEFENSES
+assert len({spec.label for spec in DEFENSES.values()}) == len(DEFENSES)  # labels name the rows and curve series
+for _name, _spec in DEFENSES.items():  # stage 3 reads estimators trained on a stage-1 defense, and only there
+    assert (_spec.section == "namid") == (_spec.estimators is not None) == (_spec.target is not None), _name
+    assert _spec.target is None or DEFENSES[_spec.target].section == "standard", _name
+    assert _spec.estimators in (None, *ESTIMATOR_RUNS), _name
+
+
+def estimator_run_name(run: str, target: str) -> str:
+    """The stage-2 run's folder (and task) name: the NAMID paper's on the Standard AT target keep their names
+    (estimators, only-max), those on another target carry it (only-max-at-mmc)."""
+    return run if target == DEFAULT_TARGET else f"{run}-{target}"
 
 
 def estimators_for(config: dict, defense: str):
-    """The stage-2 run a defense reads: NAMID, NAMID-T and NAMID-M read config["namid_estimators"]
-    (train_MI_estimator.py's run, or the only-max one; resolve_config sets it), WMIM always the only-max run."""
+    """The stage-2 run a defense reads: the NAMID variants read config["namid_estimators"] (train_MI_estimator.py's
+    run, or the only-max one; resolve_config sets it), WMIM always the only-max run."""
     wanted = DEFENSES[defense].estimators
     return config["namid_estimators"] if wanted == "estimators" else wanted
+
+
+def eval_variants(config: dict) -> list:
+    """(variant, eval flags) per evaluation of a defense: the eval section, then each of the preset's
+    eval_variants on top of it; without eval_variants one evaluation, variant None."""
+    variants = config.get("eval_variants") or {}
+    if not variants:
+        return [(None, config["eval"])]
+    return [(name, {**config["eval"], **flags}) for name, flags in variants.items()]
+
+
+def variant_column(variant, key: str) -> str:
+    """A results column's key in the study's table: the evaluation's own, prefixed by its variant if any."""
+    return key if variant is None else f"{variant}:{key}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +229,13 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     config["namid_estimators"] = config.get("namid_estimators") or "estimators"
     if config["namid_estimators"] not in ESTIMATOR_RUNS:
         raise UserError(f"--namid-estimators: choose one of {', '.join(ESTIMATOR_RUNS)}")
+    for name, flags in (config.get("eval_variants") or {}).items():
+        if not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise UserError(f"eval_variants: {name!r} names a folder (eval-<defense>-<variant>): use letters, "
+                            f"digits, '.', '_' and '-'")
+        owned = sorted(set(flags) & RUNNER_OWNED)
+        if owned:
+            raise UserError(f"eval_variants {name!r}: the runner sets --{owned[0]} itself")
     if "transfer" in attack_list(config) and config.get("surrogate") is None:
         raise UserError("the transfer attack needs a surrogate: add --set surrogate.arch=vgg19 "
                         "(or drop transfer from eval.attacks)")
@@ -182,8 +245,12 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
 
 
 def attack_list(config) -> list:
-    attacks = config["eval"].get("attacks", [])
-    return attacks.split() if isinstance(attacks, str) else list(attacks)
+    """Every attack of the study's evaluations (of every variant)."""
+    names = []
+    for _, flags in eval_variants(config):
+        attacks = flags.get("attacks", [])
+        names += attacks.split() if isinstance(attacks, str) else list(attacks)
+    return list(dict.fromkeys(names))
 
 
 def flag_tokens(section_flags: dict, switches: dict) -> list:
@@ -227,6 +294,7 @@ class Task:
     deps: list = field(default_factory=list)
     inputs: list = field(default_factory=list)   # files it reads (their SHA-256 is recorded)
     defense: str = None
+    variant: str = None  # an evaluation's eval_variants entry (None: the only evaluation)
 
     @property
     def resumable(self) -> bool:
@@ -242,19 +310,23 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
     tasks = []
     runtime = ["--device", device, "--data-dir", data_dir] + (["--tensorboard"] if tensorboard else [])
 
-    def section(name, drop=()):
-        values = {**config["standard"], **config[name]} if name == "surrogate" else config[name]  # stage 1's, then its own
+    def section(name, drop=(), values=None):
+        if values is None:  # the surrogate: stage 1's flags, then its own
+            values = {**config["standard"], **config[name]} if name == "surrogate" else config[name]
         kept = {k: v for k, v in values.items() if k not in drop}
         return flag_tokens(kept, flags[SECTIONS[name]])
 
     attacks = attack_list(config)
+    variants = eval_variants(config)
     for seed in config["seeds"]:
         folder = out / f"seed{seed}"
         seed_flags = ["--seed", str(seed)]
         defenses = config["defenses"]
-        estimator_runs = sorted({estimators_for(config, d) for d in defenses if DEFENSES[d].estimators})
-        stage1 = [d for d in ALL_DEFENSES if DEFENSES[d].section == "standard"
-                  and (d in defenses or (d == "standard-at" and estimator_runs))]
+        # (stage-2 run, its stage-1 target) for every NAMID-family row; each target is trained even when not a row
+        estimator_runs = sorted({(estimators_for(config, d), DEFENSES[d].target) for d in defenses
+                                 if DEFENSES[d].estimators})
+        targets = {target for _, target in estimator_runs}
+        stage1 = [d for d in ALL_DEFENSES if DEFENSES[d].section == "standard" and (d in defenses or d in targets)]
 
         def add(task):
             tasks.append(task)
@@ -265,12 +337,12 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
             add(Task(f"seed{seed}/{defense}", "standard", SCRIPTS["standard"],
                      section("standard") + list(DEFENSES[defense].flags) + seed_flags + ["--model-dir", str(run_dir)]
                      + runtime, run_dir, seed, defense=defense))
-        target = folder / "standard-at" / "best.pt"
-        for run in estimator_runs:
-            run_dir = folder / run
-            add(Task(f"seed{seed}/{run}", run, SCRIPTS[run],
-                     section(run) + ["--target-model", str(target)] + seed_flags + ["--model-dir", str(run_dir)] + runtime,
-                     run_dir, seed, deps=[f"seed{seed}/standard-at"], inputs=[target]))
+        for run, target in estimator_runs:
+            name = estimator_run_name(run, target)
+            run_dir, checkpoint = folder / name, folder / target / "best.pt"
+            add(Task(f"seed{seed}/{name}", run, SCRIPTS[run],
+                     section(run) + ["--target-model", str(checkpoint)] + seed_flags + ["--model-dir", str(run_dir)]
+                     + runtime, run_dir, seed, deps=[f"seed{seed}/{target}"], inputs=[checkpoint]))
         surrogate = None
         if "transfer" in attacks:
             run_dir = folder / "surrogate"
@@ -282,24 +354,27 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
             if spec.section != "namid":
                 continue
             run_dir = folder / defense
-            run = estimators_for(config, defense)
+            run = estimator_run_name(estimators_for(config, defense), spec.target)
             estimators = folder / run / "estimators.pt"
             add(Task(f"seed{seed}/{defense}", "namid", SCRIPTS["namid"],
                      section("namid") + ["--estimators", str(estimators)] + list(spec.flags) + seed_flags
                      + ["--model-dir", str(run_dir)] + runtime,
                      run_dir, seed, deps=[f"seed{seed}/{run}"], inputs=[estimators], defense=defense))
         for defense in defenses:
-            run_dir = folder / f"eval-{defense}"
             checkpoint = folder / defense / "best.pt"
             extra, deps, inputs = [], [f"seed{seed}/{defense}"], [checkpoint]
             if surrogate is not None:
                 extra = ["--surrogate", str(surrogate.run_dir / "best.pt")]
                 deps.append(surrogate.name)
                 inputs.append(surrogate.run_dir / "best.pt")
-            add(Task(f"seed{seed}/eval-{defense}", "eval", SCRIPTS["eval"],
-                     section("eval") + ["--checkpoints", str(checkpoint), "--labels", DEFENSES[defense].label] + extra
-                     + seed_flags + ["--out-dir", str(run_dir)] + runtime,
-                     run_dir, seed, deps=deps, inputs=inputs, defense=defense))
+            for variant, eval_flags in variants:
+                name = f"eval-{defense}" + ("" if variant is None else f"-{variant}")
+                run_dir = folder / name
+                add(Task(f"seed{seed}/{name}", "eval", SCRIPTS["eval"],
+                         section("eval", values=eval_flags) + ["--checkpoints", str(checkpoint), "--labels",
+                                                               DEFENSES[defense].label] + extra
+                         + seed_flags + ["--out-dir", str(run_dir)] + runtime,
+                         run_dir, seed, deps=list(deps), inputs=list(inputs), defense=defense, variant=variant))
         checkpoints = [folder / defense / "best.pt" for defense in defenses]
         for epsilon in config.get("epsilons") or ():
             run_dir = folder / f"curve-eps{epsilon_name(epsilon)}"
@@ -309,6 +384,10 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
                         "--checkpoints", *map(str, checkpoints), "--labels", *[DEFENSES[d].label for d in defenses]]
                      + seed_flags + ["--out-dir", str(run_dir)] + runtime,
                      run_dir, seed, deps=[f"seed{seed}/{d}" for d in defenses], inputs=checkpoints))
+    folders = [task.run_dir for task in tasks]
+    if len(set(folders)) != len(folders):  # e.g. an eval variant named so that eval-<defense>-<variant> is another's
+        clash = next(folder for folder in folders if folders.count(folder) > 1)
+        raise UserError(f"two stages of the plan would share the folder {clash}: rename an eval variant")
     return tasks
 
 

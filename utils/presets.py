@@ -12,9 +12,20 @@ and the runner's own settings (seeds, defenses, the curve's epsilons, parallel j
 stage-2 run NAMID, NAMID-T and NAMID-M read, "estimators" or "only-max"). A flag a preset
 leaves out takes the stage script's default, which follows the dataset (utils/cli.py). reproduce.py
 --set SECTION.FLAG=VALUE (or FLAG=VALUE for every stage that has it) overrides any of them.
+Optional keys:
+    eval_variants  {variant: {eval flag: value}}: every defense is evaluated once per variant (folder
+                   eval-<defense>-<variant>), with the eval section's flags and then the variant's; the table
+                   gets one column per (variant, attack), "<variant>: <attack>". Without it: one evaluation.
+    reference      the published table results.md shows for orientation (utils/study.py REFERENCE_TABLES;
+                   default: NAMID's Table 1)
 """
 
-ALL_DEFENSES = ("standard-at", "namid", "trades", "namid-t", "mart", "namid-m", "wmim")
+# The NAMID paper's defenses (the rows of its Table 1), the default rows of the paper-like presets.
+NAMID_DEFENSES = ("standard-at", "namid", "trades", "namid-t", "mart", "namid-m", "wmim")
+# The defenses of Tianyu Pang's talk (MM-LDA, MMC, ADP), alone, with adversarial training and with NAMID.
+TALK_DEFENSES = ("sce", "mm-lda", "mmc", "at-mm-lda", "at-mmc", "ensemble", "adp-2-0", "adp", "at-adp",
+                 "namid-mmc", "namid-adp")
+ALL_DEFENSES = NAMID_DEFENSES + TALK_DEFENSES
 ALL_ATTACKS = "pgd aa fwa tidim pgd-l2 cw ddn transfer"
 
 # alpha on MNIST-like data: at the paper's alpha 5 NAMID does not train a SmallCNN on Fashion-MNIST at
@@ -37,12 +48,39 @@ MNIST_LIKE_ESTIMATOR_RECIPE = {"lr": 0.001, "milestones": [], "epochs": 10}
 MNIST_LIKE_STAGE2 = {"estimators": {"estimator-loss": "paper-bounded", **MNIST_LIKE_ESTIMATOR_RECIPE},
                      "only-max": MNIST_LIKE_ESTIMATOR_RECIPE, "namid_estimators": "only-max"}
 
+# test_comparison.py's flags for the seed talk's attacks, named here only, so that a renamed flag is fixed in
+# one place: BIM and MIM (steps, step size), multi-targeted margin PGD (target classes, steps per target) and
+# the long cross-entropy PGD with random restarts (restarts, steps per restart).
+BIM_STEPS, BIM_STEP_SIZE = "bim-steps", "bim-step-size"
+MIM_STEPS, MIM_STEP_SIZE = "mim-steps", "mim-step-size"
+MT_TARGETS, MT_STEPS = "mt-targets", "mt-steps"
+RESTARTS, RESTARTS_STEPS = "restarts", "restarts-steps"
+# Multi-targeted margin PGD against every other class (9 of 10), as many steps per target as the table's PGD-40:
+# the attack that breaks MMC when cross-entropy on its saturated logits does not (defenses/max_mahalanobis.py).
+MULTI_TARGETED = {MT_TARGETS: 9, MT_STEPS: 40}
+# The long cross-entropy PGD: 5 random restarts of 100 steps, a check that PGD-10/40 had converged (the MMC
+# numbers fall from PGD-10 to PGD-50 in the authors' table) at a quarter of AutoAttack's gradient steps.
+LONG_PGD = {RESTARTS: 5, RESTARTS_STEPS: 100}
+# The ADP paper's MNIST attacks under its own protocol (-p: cross-entropy on the averaged probabilities treated
+# as logits, as the authors' cleverhans attacks computed it) and under ours (on log p_bar), then the long PGD
+# and AutoAttack.
+ADP_PROTOCOL_ATTACKS = "fgsm-p bim-p pgd-p mim-p fgsm bim pgd mim pgd-restarts aa"
+
+
+def ten_step_attacks(epsilon: str) -> dict:
+    """The ADP authors' white-box settings at one budget: BIM, PGD and MIM with 10 steps of epsilon / 10
+    (test_cifar_iterative.py); epsilon as written ("0.1"), the step as its tenth, written exactly."""
+    from fractions import Fraction
+    step = str(float(Fraction(epsilon) / 10))
+    return {"epsilon": epsilon, "pgd-steps": 10, "pgd-step-size": step, BIM_STEPS: 10, BIM_STEP_SIZE: step,
+            MIM_STEPS: 10, MIM_STEP_SIZE: step}
+
 
 def _paper_like(dataset, epsilons, description, **sections):
     preset = {
         "description": description,
         "seeds": [0, 1, 2],
-        "defenses": list(ALL_DEFENSES),
+        "defenses": list(NAMID_DEFENSES),
         "epsilons": epsilons,
         "jobs": 1,
         "common": {"dataset": dataset},
@@ -53,6 +91,7 @@ def _paper_like(dataset, epsilons, description, **sections):
         "namid": {"alpha": 5, "lambda": 0.1},
         "eval": {"attacks": ALL_ATTACKS},
         "surrogate": {"arch": "vgg19"},  # paper Table 2: a separately trained VGG-19 with Standard AT
+        "reference": "namid-table1",
     }
     for key, value in sections.items():
         if isinstance(value, dict):
@@ -117,4 +156,50 @@ PRESETS = {
            "only-max": {**MNIST_LIKE_ESTIMATOR_RECIPE, "epochs": 5}},
         namid={**MNIST_LIKE_NAMID, "epochs": 4, "eps-ramp-epochs": 1, "eval-steps": 10},
         eval={"attacks": "pgd pgd-l2", "pgd-steps": 20, "pgd-l2-steps": 20}),
+    "seed-talk-fashion-mnist-cpu": _paper_like(
+        "fashion-mnist", [],
+        "The seed talk's MMC comparison on a 2-core CPU: SCE, MM-LDA, MMC-10, Standard AT, AT-MMC-10, ADP_{2,0.5}, "
+        "AT + ADP_{2,0.5} and NAMID on an MMC head (estimators trained on AT-MMC-10) on 5 000 Fashion-MNIST "
+        "training images, 10 epochs, seeds 0-2; PGD-40, AutoAttack, multi-targeted PGD and PGD with restarts "
+        "on 500 test images; the fashion-mnist-cpu preset's settings otherwise.",
+        # Rows: the talk's MMC table (SCE, MM-LDA, MMC-10, AT-SCE = Standard AT, AT-MMC-10), ADP alone and with AT,
+        # and NAMID on the head that claims robustness without AT. at-mmc is also the target of namid-mmc's stage 2.
+        defenses=["sce", "mm-lda", "mmc", "standard-at", "at-mmc", "adp", "at-adp", "namid-mmc"],
+        jobs=2, surrogate=None,  # 2 stages at once on 2 cores, as fashion-mnist-cpu; no transfer column
+        reference="mmc-iclr2020",
+        # half of fashion-mnist-cpu's training images and test images: 8 rows instead of 4, and 3-member ensembles
+        common={"dataset": "fashion-mnist", "train-limit": 5000, "test-limit": 500},
+        # each head with its authors' optimiser (utils/cli.py HEAD_DEFAULTS: SGD lr 0.01 for MM-LDA and MMC, Adam lr 1e-3
+        # for ADP; SGD lr 0.05 for the softmax rows, the MNIST-like default), at a common budget: the MNIST-like
+        # schedule, warm-up and ramp, 10 epochs as fashion-mnist-cpu, gradient norm clipped at 10 in every row
+        standard={"epochs": 10, **MNIST_LIKE_TRAINING},
+        # NAMID as fashion-mnist-cpu: alpha 0.5, clipping at 10, 10 epochs, only-max estimators (MNIST_LIKE_STAGE2)
+        namid={**MNIST_LIKE_NAMID, "epochs": 10},
+        # PGD-40 and AutoAttack as fashion-mnist-cpu, plus the two attacks that do not rely on softmax-CE being
+        # informative on MMC's logits (multi-targeted margin PGD) and on PGD-40 having converged (restarts)
+        eval={"attacks": "pgd aa pgd-mt pgd-restarts", "pgd-steps": 40, **MULTI_TARGETED, **LONG_PGD},
+        **MNIST_LIKE_STAGE2),
+    "adp-mnist-cpu": _paper_like(
+        "mnist", [],
+        "The ADP paper's MNIST Table 2 (the seed talk) at CPU scale: the plain ensemble, ADP_{2,0} and ADP_{2,0.5} "
+        "(3 SmallCNN members) on 10 000 MNIST training images, the authors' Adam lr 1e-3 and batch 64, 10 epochs, "
+        "seeds 0-2; FGSM, BIM, PGD and MIM (10 steps of eps/10) under the authors' protocol (-p: CE on the averaged "
+        "probabilities) and ours, PGD with restarts and AutoAttack at eps 0.1 and 0.15, on 1 000 test images.",
+        # the three columns of the ADP paper's Table 2; no NAMID row, so no stage 2 or 3
+        defenses=["ensemble", "adp-2-0", "adp"],
+        # 3 seeds: 9 natural trainings of 3-member SmallCNN ensembles (minutes each) and 18 evaluations, about
+        # the cost of fashion-mnist-cpu; 2 stages at once on 2 cores; no transfer column, no curve
+        jobs=2, surrogate=None,
+        reference="adp-icml2019-mnist",
+        common={"dataset": "mnist", "train-limit": 10000, "test-limit": 1000},
+        # The authors' MNIST recipe (train_mnist.py): Adam lr 1e-3, batch 64, x0.1 after 15 and x0.01 after 30 of
+        # 40 epochs, i.e. at 3/8 and 3/4 of the epochs: milestones 4 and 8 of 10 (3.75 and 7.5 rounded); L2 1e-4
+        # (theirs on the conv kernels, here on every weight); no gradient clipping (theirs had none, and Adam's
+        # step does not scale with the gradient). The ensemble size (--members) is the default 3, theirs.
+        standard={"epochs": 10, "optimizer": "adam", "lr": 0.001, "milestones": [4, 8], "batch-size": 64,
+                  "weight-decay": 0.0001},
+        eval={"attacks": ADP_PROTOCOL_ATTACKS, **LONG_PGD},
+        # the two budgets of the ADP paper's MNIST table for BIM, PGD and MIM (its FGSM rows are 0.1 and 0.2),
+        # each with the authors' 10 steps of eps / 10
+        eval_variants={"eps0.1": ten_step_attacks("0.1"), "eps0.15": ten_step_attacks("0.15")}),
 }

@@ -1,6 +1,7 @@
 """What reproduce.py writes at the end of a study: the comparison table in the layout of the paper's
-Table 1 with mean and standard deviation over seeds per cell (results.md, .csv, .json), and the
-figures (training curves, stage 2's MI distributions, robust accuracy against epsilon)."""
+Table 1 with mean and standard deviation over seeds per cell (results.md, .csv, .json; with the preset's
+eval_variants, one column per variant and attack), the preset's published reference table for orientation,
+and the figures (training curves, stage 2's MI distributions, robust accuracy against epsilon)."""
 import csv
 import io
 import json
@@ -13,7 +14,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import number
 from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_informativeness, verdict_line
 from utils.evaluation import row_accuracies
-from utils.pipeline import DEFENSES, ESTIMATOR_RUNS
+from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, variant_column
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
 from utils.run_warnings import read_warnings
 
@@ -21,6 +22,47 @@ from utils.run_warnings import read_warnings
 # for orientation.
 PAPER_TABLE1 = {"Standard AT": (83.39, 42.38, 39.01), "NAMID": (83.41, 44.79, 39.26), "TRADES": (80.70, 46.29, 42.71),
                 "NAMID-T": (80.67, 47.53, 43.39), "MART": (78.21, 50.23, 43.96), "NAMID-M": (78.38, 51.69, 44.42)}
+_OTHER_SETTING = ("The authors' numbers, on other architectures, datasets and scales than this study's: for orientation "
+                  "only, not comparable cell for cell.")
+# The published tables results.md shows for orientation, one per preset (its "reference" key): a title, the
+# first column's name, the value columns, rows of (name, values as published; None: not reported) and a note.
+REFERENCE_TABLES = {
+    "namid-table1": {
+        "title": "The paper's Table 1 (CIFAR-10, ResNet-18), for orientation",
+        "first": "Defense", "columns": ["None", "PGD-40", "AA"],
+        "rows": [(label, [f"{value:.2f}" for value in values]) for label, values in PAPER_TABLE1.items()],
+        "note": None},
+    # the seed talk's MMC table (ICLR 2020, Table 1: ResNet-32, untargeted PGD at 8/255)
+    "mmc-iclr2020": {
+        "title": "The MMC paper's CIFAR-10 table (ICLR 2020, ResNet-32; the seed talk), for orientation",
+        "first": "Defense", "columns": ["Clean", "PGD-10 un. 8/255", "PGD-50 un. 8/255", "AA 8/255"],
+        "rows": [("SCE", ["92.9", "3.7", "3.6", None]),
+                 ("MMC-10", ["92.7", "36.0", "24.8", None]),
+                 ("AT^un_10 (SCE)", ["80.9", "55.4", "53.9", None]),
+                 ("AT^un_10 (MMC-10)", ["81.8", "56.3", "55.0", None]),
+                 ("MM-LDA", ["92.4", "16.5", "9.7", None]),
+                 ("MMC-10, independent PyTorch port (ResNet-32)", ["90.18", None, None, "0.00"])],
+        "note": _OTHER_SETTING + " The first five rows are the authors' (their PGD: cross-entropy on the MMC logits, "
+                "which is saturated); the last is an independent re-implementation under AutoAttack, which breaks "
+                "MMC without adversarial training."},
+    # the seed talk's ADP table (ICML 2019, Table 2, MNIST: ensembles of three ResNet-20)
+    "adp-icml2019-mnist": {
+        "title": "The ADP paper's MNIST Table 2 (ICML 2019, ensembles of three ResNet-20; the seed talk), for orientation",
+        "first": "Attack", "columns": ["Baseline", "ADP_{2,0}", "ADP_{2,0.5}"],
+        "rows": [("FGSM, eps 0.1", ["78.3", "95.5", "96.3"]),
+                 ("FGSM, eps 0.2", ["21.5", "50.6", "52.8"]),
+                 ("BIM, eps 0.1", ["52.3", "86.4", "88.5"]),
+                 ("BIM, eps 0.15", ["12.2", "69.5", "73.6"]),
+                 ("PGD, eps 0.1", ["50.7", "73.4", "82.8"]),
+                 ("PGD, eps 0.15", ["6.3", "36.2", "41.0"]),
+                 ("MIM, eps 0.1", ["58.3", "89.7", "92.0"]),
+                 ("MIM, eps 0.15", ["16.1", "73.3", "77.5"])],
+        "note": _OTHER_SETTING + " They were measured with cross-entropy on the ensemble's averaged probabilities "
+                "treated as logits (the authors' attacks), the protocol of this study's -p columns; the columns "
+                "without -p attack the log of those probabilities. Their FGSM's second budget is eps 0.2 (not "
+                "evaluated here); BIM, PGD and MIM are 10 steps of eps/10."},
+}
+DEFAULT_REFERENCE = "namid-table1"
 FIGURES = {"training_curves.png": "clean and PGD accuracy per epoch of every defense (mean over seeds, band: +- 1 std)",
            "mi_distributions.png": "stage 2's per-sample MI estimates on the selected test samples (seeds pooled)",
            "robust_vs_epsilon.png": "PGD accuracy against the L-inf budget for every defense (mean +- 1 std over seeds)"}
@@ -46,14 +88,19 @@ def format_cell(stats) -> str:
 
 def comparison(config: dict, tasks: list) -> dict:
     """Per defense and column, the statistics over seeds of the evaluation's accuracies."""
-    evals = [task for task in tasks if task.kind == "eval"]
+    variants = list(config.get("eval_variants") or {}) or [None]
+    evals = [task for variant in variants for task in tasks if task.kind == "eval" and task.variant == variant]
     columns, per_defense, test_images = [], {}, set()
-    for task in evals:
+    for task in evals:  # variant by variant: the columns of the first variant, then the next's
         results = _read_json(task.run_dir / "results.json")
         for column in results["columns"]:
-            if (column["key"], column["header"]) not in columns:
-                columns.append((column["key"], column["header"]))
-        per_defense.setdefault(task.defense, {})[task.seed] = row_accuracies(results["models"][0])
+            entry = (variant_column(task.variant, column["key"]),
+                     column["header"] if task.variant is None else f"{task.variant}: {column['header']}")
+            if entry not in columns:
+                columns.append(entry)
+        accuracies = {variant_column(task.variant, key): value
+                      for key, value in row_accuracies(results["models"][0]).items()}
+        per_defense.setdefault(task.defense, {}).setdefault(task.seed, {}).update(accuracies)
         test_images.add(results["test_images"])
     cells = {}
     for defense in config["defenses"]:
@@ -109,7 +156,8 @@ def training_curves(config: dict, tasks: list) -> dict:
         split = "test" if not all(numpy.isnan(metrics.get("test_pgd_acc", [float("nan")]))) else "val"
         entry = curves.setdefault(DEFENSES[task.defense].label, {"clean": [], "robust": [], "split": split})
         entry["clean"].append(metrics[f"{split}_clean_acc"])
-        entry["robust"].append(metrics[f"{split}_pgd_acc"])
+        nan = [float("nan")] * len(metrics[f"{split}_clean_acc"])
+        entry["robust"].append(metrics.get(f"{split}_pgd_acc", nan))  # a natural training may log no PGD accuracy
     order = [DEFENSES[d].label for d in config["defenses"]]
     return {label: curves[label] for label in order if label in curves}
 
@@ -143,14 +191,15 @@ def _closest(values: dict, epsilon: float) -> float:
 
 
 def mi_runs(tasks: list) -> dict:
-    """Per stage-2 run kind, the per-sample MI values of every seed pooled."""
+    """Per stage-2 run (its folder's name: estimators, only-max, only-max-at-mmc...), the per-sample MI values of
+    every seed pooled."""
     pooled = {}
     for task in tasks:
         path = task.run_dir / MI_VALUES_FILE
         if task.kind in ESTIMATOR_RUNS and path.is_file():
             with numpy.load(path) as data:
                 for name in data.files:
-                    pooled.setdefault(task.kind, {}).setdefault(name, []).append(data[name])
+                    pooled.setdefault(task.run_dir.name, {}).setdefault(name, []).append(data[name])
     return {kind: {name: numpy.concatenate(parts) for name, parts in values.items()} for kind, values in pooled.items()}
 
 
@@ -169,9 +218,20 @@ def estimator_verdicts(tasks: list) -> list:
     return lines
 
 
-def paper_markdown() -> str:
-    lines = ["| Defense | None | PGD-40 | AA |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, (a, b, c) in PAPER_TABLE1.items()]
+def reference_table(config: dict) -> dict:
+    """The published table the preset names (its "reference" key), NAMID's Table 1 by default."""
+    return REFERENCE_TABLES[config.get("reference") or DEFAULT_REFERENCE]
+
+
+def paper_markdown(reference: dict = None) -> str:
+    """A reference table (default: NAMID's Table 1) in markdown, its note below it."""
+    reference = reference or REFERENCE_TABLES[DEFAULT_REFERENCE]
+    columns = reference["columns"]
+    lines = [f"| {reference['first']} | " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    lines += [f"| {name} | " + " | ".join("-" if value is None else value for value in values) + " |"
+              for name, values in reference["rows"]]
+    if reference["note"]:
+        lines += ["", reference["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +276,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              f"{invocation['machine']}.", "",
              "## The MI estimators (stage 2, test split)", "",
              *(estimator_verdicts(tasks) or ["none"]), "",
-             "## The paper's Table 1 (CIFAR-10, ResNet-18), for orientation", "", paper_markdown(),
+             f"## {reference_table(config)['title']}", "", paper_markdown(reference_table(config)),
              "## Figures", ""]
     lines += [f"- `{name}`: {FIGURES[name]}" for name in written] or ["none"]
     lines += ["", "## Warnings (every stage)", ""]

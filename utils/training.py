@@ -22,12 +22,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from models import build_model
+from defenses import Head, head_for
 from utils.attacks import PGDConfig, compile_attack_step, frozen_eval, pgd_attack
 from utils.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_json, atomic_write_text,
                               load_checkpoint, load_state_dict_checked)
 from utils import distributed
 from utils.data import device_splits, holds_arrays, load_splits, make_loader
 from utils.errors import UserError
+from utils.losses import training_loss
 from utils.run_warnings import RunWarnings
 from utils.runtime import (FastPath, attack_generator, autocast, capture_rng_state, git_commit, package_versions,
                            resolve_fast_path, restore_rng_state, seed_everything)
@@ -43,20 +45,31 @@ class NonFiniteLoss(UserError):
     pass
 
 
+SOFTMAX = Head("softmax")
+
+
 # ----------------------------------------------------------------------------------------------
 # Models and their specification (enough to rebuild a model from a checkpoint alone)
 
 def model_spec_from_args(args, info) -> dict:
-    return dict(arch=args.arch, dataset=info.name, num_classes=info.num_classes, in_channels=info.in_channels,
+    """The model's specification; the head's settings only where the head has them (a spec without "head",
+    from before the heads existed, is a softmax model)."""
+    spec = dict(arch=args.arch, dataset=info.name, num_classes=info.num_classes, in_channels=info.in_channels,
                 image_size=info.image_size, mean=list(info.mean), std=list(info.std),
-                width=args.width, depth=args.depth, widen_factor=args.widen_factor)
+                width=args.width, depth=args.depth, widen_factor=args.widen_factor, head=args.head)
+    if args.head in ("mm-lda", "mmc"):
+        spec.update(feature_dim=args.feature_dim, mm_scale=args.mm_scale)
+    if args.head == "adp":
+        spec.update(members=args.members)
+    return spec
 
 
 def model_from_spec(spec: dict) -> torch.nn.Module:
+    head = {key: spec[key] for key in ("head", "feature_dim", "mm_scale", "members") if key in spec}
     try:
         return build_model(spec["arch"], spec["num_classes"], spec["in_channels"], spec["image_size"],
                            spec["mean"], spec["std"], width=spec["width"], depth=spec["depth"],
-                           widen_factor=spec["widen_factor"])
+                           widen_factor=spec["widen_factor"], **head)
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -460,41 +473,51 @@ def running_statistics_frozen(model):
                 m.num_batches_tracked.copy_(count)
 
 
-def clean_logits_in_train_mode(model, x, objective, bn_stats: str, for_mi: bool = False):
-    """h(x) in train mode after the attack, or None when nothing needs it, under the BN policy.
+def clean_logits_in_train_mode(model, x, objective, bn_stats: str, for_mi: bool = False, head: Head = SOFTMAX):
+    """h(x) in train mode after the attack (the head's outputs: an ensemble's members' logits), or None when
+    nothing needs it, under the BN policy.
 
     base:  the running statistics see exactly the batches the base loss trains on: x~ only for AT,
            x and x~ for TRADES and MART. NAMID's clean forward (for_mi, AT base) does not update them,
            so NAMID and Standard AT (or NAMID-T and TRADES) share one policy.
     mixed: x and x~ update them in every run: NAMID as in the published code, and Standard AT runs an
            extra no-grad clean forward for its statistics alone."""
-    if objective.needs_clean_logits or (for_mi and bn_stats == "mixed"):
-        return model(x)
+    if objective.needs_clean_outputs(head) or (for_mi and bn_stats == "mixed"):
+        return head.outputs(model, x)
     if for_mi:
         with running_statistics_frozen(model):
-            return model(x)
+            return head.outputs(model, x)
     if bn_stats == "mixed":
         with torch.no_grad():
-            return model(x)
+            return head.outputs(model, x)
     return None
 
 
-def make_adversarial_step(model, objective, attack_schedule, beta, generator, bn_stats: str = "base"):
-    """The stage-1 step: craft x~ with the objective's training attack, then its loss in train mode.
+def natural_step(model, x, y, head: Head = SOFTMAX):
+    """A clean training step (natural training, or a warm-up epoch): the head's own loss on x."""
+    model.train()
+    outputs = head.outputs(model, x)
+    return head.loss(outputs, y), head.logits(outputs), None, {}
 
-    attack_schedule(batch_index) -> PGDConfig, or None for a clean (warm-up) step.
+
+def make_adversarial_step(model, objective, attack_schedule, beta, generator, bn_stats: str = "base",
+                          head: Head = SOFTMAX):
+    """The stage-1 step: craft x~ with the objective's training attack, then its loss in train mode, with the
+    head's loss in place of cross-entropy (utils.losses.training_loss).
+
+    attack_schedule(batch_index) -> PGDConfig, or None for a clean (warm-up) step; natural training has
+    only clean steps.
     """
     def step(x, y, index):
-        config = attack_schedule(index)
+        config = attack_schedule(index) if objective.adversarial else None
         if config is None:
-            model.train()
-            logits = model(x)
-            return F.cross_entropy(logits, y), logits, None, {}
+            return natural_step(model, x, y, head)
         x_adv = pgd_attack(distributed.unwrap(model), x, y, config, generator)
         model.train()
-        logits_nat = clean_logits_in_train_mode(model, x, objective, bn_stats)
-        logits_adv = model(x_adv)
-        return objective.loss(logits_nat, logits_adv, y, beta), logits_nat, logits_adv, {}
+        outputs_nat = clean_logits_in_train_mode(model, x, objective, bn_stats, head=head)
+        outputs_adv = head.outputs(model, x_adv)
+        loss = training_loss(objective, head, outputs_nat, outputs_adv, y, beta)
+        return loss, None if outputs_nat is None else head.logits(outputs_nat), head.logits(outputs_adv), {}
     return step
 
 
@@ -574,10 +597,18 @@ def load_splits_rank_zero_first(args):
     return distributed.main_process_first(lambda: splits_from_args(args))
 
 
+def make_optimizer(args, parameters):
+    """SGD with momentum (the default), or Adam (--optimizer adam); both with --weight-decay as L2 in the gradient."""
+    if getattr(args, "optimizer", "sgd") == "adam":
+        return torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
 def train_target_model(args, argv, script: str, stage: str, objective, make_step, metadata: dict = None,
                        warnings: RunWarnings = None):
-    """Train a fresh target model with adversarial training; make_step(model, schedule, generator)
-    returns the per-batch step function of train_epoch. Validation PGD accuracy selects best.pt.
+    """Train a fresh target model; make_step(model, schedule, generator, head) returns the per-batch step
+    function of train_epoch. Validation PGD accuracy selects best.pt (clean accuracy for natural training,
+    whose PGD accuracy is ~0 at every epoch).
     `warnings` (those raised before the run folder existed) are kept in it."""
     device = distributed.setup(args.device)
     batch_size = distributed.per_process_batch(args.batch_size)
@@ -595,18 +626,20 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
         spec = model_spec_from_args(args, splits.info)
         model = prepare_model(model_from_spec(spec).to(device), fast)
         trained = distributed.wrap(model, device)  # DistributedDataParallel under torchrun; broadcasts rank 0's init
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = make_optimizer(args, model.parameters())
+        head = head_for(spec, args)
         generator = attack_generator(args.seed, device)
         if not distributed.is_main():
             seed_process(args.seed, 0, generator)
-        train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps))
+        train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps), head)
         eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
 
         run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata,
-                          selects=len(splits.val) > 0)
+                          selects=len(splits.val) > 0,
+                          select_key="val_pgd_acc" if objective.adversarial else "val_clean_acc")
         if not args.resume and distributed.is_main():
-            run_dir.write_config(args, stage, script, argv, {"model_spec": spec, "train_attack": vars(train_attack),
+            run_dir.write_config(args, stage, script, argv, {"model_spec": spec,
+                                                             "train_attack": vars(train_attack) if objective.adversarial else None,
                                                              "eval_attack": vars(eval_attack), "fast_path": asdict(fast),
                                                              "processes": distributed.world_size(), **(metadata or {})})
 
@@ -614,7 +647,7 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
         loader = make_loader(splits.train, batch_size, shuffle=True, workers=args.workers, seed=args.seed,
                              epoch=epoch, device=device, **shard)
         schedule = training_attack_schedule(train_attack, epoch, len(loader), args.warmup_epochs, args.eps_ramp_epochs)
-        row = train_epoch(trained, loader, optimizer, make_step(trained, schedule, generator), device, epoch, run_dir,
+        row = train_epoch(trained, loader, optimizer, make_step(trained, schedule, generator, head), device, epoch, run_dir,
                           amp=fast.amp, grad_clip=args.grad_clip)
         for name, split in (("val", splits.val), ("test", splits.test)):
             loader = make_loader(split, eval_batch_size, shuffle=False, workers=args.workers, seed=args.seed,
