@@ -6,9 +6,11 @@ FWA-40 (Wasserstein), TI-DIM, PGD-40 (L2), CW and DDN (thresholded at epsilon), 
 PGD-40 adversarials transferred from a --surrogate checkpoint. Adaptive L-inf attacks for defenses whose
 logits are all <= 0 (MMC, ADP) run when named in --attacks: fgsm, bim, mim, pgd-mt (multi-targeted margin
 PGD), pgd-restarts, and the ADP authors' protocol fgsm-p, bim-p, pgd-p, mim-p (cross-entropy on the
-probabilities taken as logits, beside the honest attack; utils/evaluation.py says why). Architecture,
-dataset and normalisation come from each checkpoint. Writes results.json, results.csv and results.md (the
-paper's Table 1 layout, plus the per-example worst case of each threat model) into --out-dir.
+probabilities taken as logits, beside the honest attack; utils/evaluation.py says why), and pgd-label-mi
+(PGD minimising the label MI I(Y; Y^) of each batch). Architecture, dataset and normalisation come from each
+checkpoint. Writes results.json, results.csv and results.md (the paper's Table 1 layout, plus the per-example
+worst case of each threat model, then the same table of the label MI I(Y; Y^) in bits between the true labels
+and the predictions under each attack) into --out-dir.
 
 Under torchrun (torchrun --standalone --nproc_per_node K test_comparison.py ...) the test batches are shared
 out over the K processes and their per-example results gathered; rank 0 writes the same files as a single
@@ -34,11 +36,12 @@ from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
-from utils.evaluation import (ADAPTIVE_ATTACKS, ATTACK_NAMES, PROBABILITY_ATTACKS, WHITE_BOX_ATTACKS,
-                              WORST_CASE_GROUPS, attack_seed, build_attacks,
-                              clean_predictions, fwa_default_radius, markdown_table, run_attack,
-                              row_accuracies, run_transfer, sanity_warnings, sharded_loader, table_columns,
-                              tidim_default_kernel, worst_case)
+from utils.evaluation import (ADAPTIVE_ATTACKS, ATTACK_NAMES, LABEL_MI_ATTACKS, PROBABILITY_ATTACKS,
+                              WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
+                              clean_predictions, format_bits, fwa_default_radius, markdown_table, run_attack,
+                              row_accuracies, row_label_mi, run_transfer, sanity_warnings, sharded_loader,
+                              table_columns, tidim_default_kernel, worst_case)
+from utils.label_mi import hard_label_mi
 from utils.run_warnings import RunWarnings
 from utils.runtime import git_commit, package_versions
 from utils.training import load_model
@@ -59,8 +62,9 @@ def build_parser():
     group.add_argument("--attacks", nargs="+", choices=ATTACK_NAMES, default=None, metavar="ATTACK",
                        help=f"any of: {', '.join(ATTACK_NAMES)} (default: the paper's white-box attacks, "
                             f"{' '.join(WHITE_BOX_ATTACKS)}, plus transfer when --surrogate is given; the adaptive "
-                            f"attacks {' '.join(ADAPTIVE_ATTACKS)} and the ADP authors' protocol "
-                            f"{' '.join(PROBABILITY_ATTACKS)} run only when named)")
+                            f"attacks {' '.join(ADAPTIVE_ATTACKS)}, the ADP authors' protocol "
+                            f"{' '.join(PROBABILITY_ATTACKS)} and the label-MI attack {' '.join(LABEL_MI_ATTACKS)} run "
+                            f"only when named)")
     group.add_argument("--surrogate", default=None, metavar="CHECKPOINT",
                        help="checkpoint (or run folder) the transfer attack crafts its adversarials on (paper: VGG-19 "
                             "with Standard AT; default: none, no transfer attack)")
@@ -143,6 +147,12 @@ def build_parser():
     group.add_argument("--restarts-steps", type=positive_int, default=100, help="steps per restart")
     group.add_argument("--restarts-step-size", type=positive_number, default=None, help="default epsilon / 10")
 
+    group = parser.add_argument_group("pgd-label-mi (PGD minimising the plug-in label MI I(Y; Y^) of each batch's soft "
+                                      "confusion matrix, jointly over the batch: an example's adversarial depends on "
+                                      "its batch, so on --batch-size; uniform random start)")
+    group.add_argument("--label-mi-steps", type=positive_int, default=40, help="as pgd's 40")
+    group.add_argument("--label-mi-step-size", type=positive_number, default=None, help="default epsilon / 4")
+
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds every attack and the --test-limit subset")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -208,6 +218,7 @@ def resolve_settings(args, info):
     args.mim_step_size = args.mim_step_size or args.epsilon / 10
     args.mt_step_size = args.mt_step_size or args.epsilon / 4
     args.restarts_step_size = args.restarts_step_size or args.epsilon / 10
+    args.label_mi_step_size = args.label_mi_step_size or args.epsilon / 4
     args.mt_targets = args.mt_targets or info.num_classes - 1
     if args.mt_targets > info.num_classes - 1:
         raise UserError(f"--mt-targets {args.mt_targets}: {info.name} has only {info.num_classes - 1} wrong classes")
@@ -246,10 +257,18 @@ def prepare_out_dir(path) -> Path:
 # Results
 
 
+def label_mi_fields(result) -> dict:
+    """The label MI I(Y; Y^) in bits of a result and the predicted class per example it comes from."""
+    if result.predicted is None:
+        return {}
+    return {"label_mi_bits": result.label_mi_bits, "predictions": result.predicted.tolist()}
+
+
 def attack_record(attack, result) -> dict:
     record = {"column": attack.column, "accuracy": result.accuracy, "robust": int(result.robust.sum()),
               "seconds": round(result.seconds, 3), "nan_batches": result.nan_batches,
-              "per_example": "".join("1" if flag else "0" for flag in result.robust.tolist())}
+              "per_example": "".join("1" if flag else "0" for flag in result.robust.tolist()),
+              **label_mi_fields(result)}
     if result.budget is not None:
         record.update(max_perturbation=result.budget.max_value, budget=result.budget.limit,
                       budget_measure=result.budget.measure, batches_outside_budget=result.budget.violating_batches,
@@ -274,7 +293,8 @@ def model_record(label, path, checkpoint, clean, results, attacks) -> dict:
         "stage": checkpoint.get("stage"), "epoch": checkpoint.get("epoch"), "arch": checkpoint["model_spec"]["arch"],
         "trained_with": trained,
         "clean": {"accuracy": clean.accuracy, "correct": int(clean.robust.sum()), "seconds": round(clean.seconds, 3),
-                  "per_example": "".join("1" if flag else "0" for flag in clean.robust.tolist())},
+                  "per_example": "".join("1" if flag else "0" for flag in clean.robust.tolist()),
+                  **label_mi_fields(clean)},
         "attacks": {name: attack_record(attacks[name], result) for name, result in results.items()},
         "worst_case": {threat: {"accuracy": robust.float().mean().item(), "robust": int(robust.sum()), "attacks": names}
                        for threat, (robust, names) in worst.items()},
@@ -284,13 +304,31 @@ def model_record(label, path, checkpoint, clean, results, attacks) -> dict:
 def results_csv(records, columns) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["label", "defense", "checkpoint", "test_images"] + [key for key, _ in columns])
+    """Per row: the accuracies (fractions), then the label MI in bits (label_mi_bits:<column>, the worst cases empty)."""
+    label_mi_columns = [key for key, _ in columns if not key.startswith("worst_")]
+    writer.writerow(["label", "defense", "checkpoint", "test_images"] + [key for key, _ in columns]
+                    + [f"label_mi_bits:{key}" for key in label_mi_columns])
     for record in records:
-        values = row_accuracies(record)
+        values, bits = row_accuracies(record), row_label_mi(record)
         count = len(record["clean"]["per_example"])
         writer.writerow([record["label"], record["defense"], record["checkpoint"], count]
-                        + [f"{values[key]:.6f}" if key in values else "" for key, _ in columns])
+                        + [f"{values[key]:.6f}" if key in values else "" for key, _ in columns]
+                        + [f"{bits[key]:.6f}" if key in bits else "" for key in label_mi_columns])
     return buffer.getvalue()
+
+
+def label_mi_markdown(summary: dict, records, columns) -> list:
+    """The label-MI table: the accuracy table's rows and columns, I(Y; Y^) in bits per cell."""
+    labels = summary.get("test_labels")
+    entropy = f"H(Y) = {hard_label_mi(labels, labels):.3f} bits" if labels else "H(Y)"
+    table = markdown_table([record["label"] for record in records], columns,
+                           [row_label_mi(record) for record in records], formatter=format_bits)
+    return ["", "## Label MI I(Y; Y^) (bits)", "", table,
+            f"I(Y; Y^) between the true labels and the predicted classes, clean and under each attack, plug-in from "
+            f"the confusion matrix over the evaluated images (results.json keeps each example's prediction). "
+            f"{entropy} for predictions that determine the label, 0 for predictions independent of it; unlike "
+            f"accuracy, a relabelling of the predicted classes keeps it. The worst-case columns keep no single "
+            f"prediction per example: -."]
 
 
 def describe_settings(settings: dict) -> str:
@@ -328,6 +366,12 @@ def results_markdown(summary: dict, records, columns, attacks) -> str:
     if "transfer" in attacks:
         lines.append(f"transfer: PGD adversarials crafted on {summary['surrogate']['checkpoint']} "
                      f"({summary['surrogate']['label']}), black-box for every row.")
+    if "pgd-label-mi" in attacks:
+        lines.append(f"{attacks['pgd-label-mi'].column}: PGD minimising the label MI I(Y; Y^) of each batch's soft "
+                     f"confusion matrix (our formulation of the problem posed in Yi et al. 2020), jointly over the "
+                     f"batch (batches of {attacks['pgd-label-mi'].settings['batch_size']}): it targets the label MI, "
+                     f"not the accuracy, so read it in the label-MI table.")
+    lines += label_mi_markdown(summary, records, columns)
     lines += ["", "## Attacks", ""]
     for name, attack in attacks.items():
         seconds = sum(record["attacks"][name]["seconds"] for record in records if name in record["attacks"])
@@ -355,6 +399,9 @@ def write_tensorboard(out_dir: Path, records, columns, markdown: str):
             for key, header in columns:
                 if key in values:
                     writer.add_scalar(f"accuracy/{header}", values[key], 0)
+            for key, header in columns:
+                if key in row_label_mi(record):
+                    writer.add_scalar(f"label_mi_bits/{header}", row_label_mi(record)[key], 0)
             writer.add_text("results", markdown, 0)
 
 
@@ -387,14 +434,15 @@ def report(line: str):
 def evaluate_white_box(label, model, attacks, loader, device, args, after_each_attack):
     """Clean predictions and every white-box attack on one model; after_each_attack(clean, results)."""
     clean = clean_predictions(model, loader, device, args.amp, desc=f"{label}: clean")
-    report(f"{label}: clean {clean.accuracy:.2%}")
+    report(f"{label}: clean {clean.accuracy:.2%}, label MI {clean.label_mi_bits:.3f} bits")
     results = {}
     for name, attack in attacks.items():
         if not attack.white_box:
             continue
         results[name] = run_attack(model, attack, loader, device, args.amp, attack_seed(args.seed, name),
                                    desc=f"{label}: {attack.column}")
-        report(f"{label}: {attack.column} {results[name].accuracy:.2%} ({results[name].seconds:.1f} s)")
+        report(f"{label}: {attack.column} {results[name].accuracy:.2%}, label MI {results[name].label_mi_bits:.3f} "
+               f"bits ({results[name].seconds:.1f} s)")
         after_each_attack(clean, results)
     return clean, results
 
@@ -465,9 +513,11 @@ class Evaluation:
         paths = args.checkpoints
         for label, path, (model, checkpoint) in zip(self.labels, paths, loaded):
             def save_progress(clean, results):  # an interrupted run keeps every finished attack
+                self.keep_test_labels(clean)
                 self.write(self.records + [model_record(label, path, checkpoint, clean, results, self.attacks)],
                            final=False)
             clean, results = evaluate_white_box(label, model, self.attacks, loader, device, args, save_progress)
+            self.keep_test_labels(clean)
             self.records.append(model_record(label, path, checkpoint, clean, results, self.attacks))
             self.cleans.append(clean)
             self.results_by_model.append(results)
@@ -479,7 +529,14 @@ class Evaluation:
                 self.results_by_model[index]["transfer"] = result
                 self.records[index] = model_record(self.labels[index], paths[index], loaded[index][1],
                                                    self.cleans[index], self.results_by_model[index], self.attacks)
-                report(f"{self.labels[index]}: {self.columns[-1][1]} {result.accuracy:.2%}")
+                report(f"{self.labels[index]}: {self.columns[-1][1]} {result.accuracy:.2%}, label MI "
+                       f"{result.label_mi_bits:.3f} bits")
+
+    def keep_test_labels(self, clean):
+        """results.json's test_labels: the true class of each evaluated example, in the order of the per-example
+        results and predictions (gathered with them, so also under torchrun)."""
+        if clean.labels is not None and "test_labels" not in self.summary:
+            self.summary["test_labels"] = clean.labels.tolist()
 
     def finish(self, tensorboard: bool):
         """The warnings, the final results.json, .csv and .md (and TensorBoard run), and the table on the terminal."""
@@ -493,6 +550,9 @@ class Evaluation:
         if tensorboard:
             write_tensorboard(self.out_dir, self.records, self.columns, (self.out_dir / "results.md").read_text())
         print(markdown_table(self.labels, self.columns, [row_accuracies(record) for record in self.records]), end="")
+        print("label MI I(Y; Y^) (bits):")
+        print(markdown_table(self.labels, self.columns, [row_label_mi(record) for record in self.records],
+                             formatter=format_bits), end="")
         print(f"results in {self.out_dir}/results.json, results.csv, results.md")
 
 

@@ -189,6 +189,15 @@ MUTATIONS = {
         "utils/namid.py", "        base = training_loss(objective, head, outputs_nat, outputs_adv, y, beta)",
         "        base = objective.loss(head.logits(outputs_nat), head.logits(outputs_adv), y, beta)",
         ["tests/test_defenses.py::test_namid_on_a_head_reads_its_logits_and_its_loss"]),
+    # issue 14: label MI I(Y; Y^) in stage 4
+    "label-mi-column-from-correctness": (
+        "utils/evaluation.py", "        return hard_label_mi(self.predicted, self.labels)\n",
+        "        return hard_label_mi(torch.where(self.robust, self.labels, (self.labels + 1) % (int(self.labels.max()) + 1)), self.labels)\n",
+        ["tests/test_label_mi.py::test_stage4_label_mi_column_is_the_plug_in_of_the_per_example_predictions"]),
+    "label-mi-attack-maximises": (
+        "utils/attacks.py", "return -label_mi(F.softmax(logits.float(), dim=1), y)",
+        "return label_mi(F.softmax(logits.float(), dim=1), y)",
+        ["tests/test_label_mi.py::test_the_label_mi_attack_lowers_label_mi_more_than_ce_pgd"]),
 }
 
 

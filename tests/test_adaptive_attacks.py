@@ -545,4 +545,4 @@ def test_stage4_end_to_end_writes_the_new_columns(fmnist_dir, tmp_path, monkeypa
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [row["label"] for row in table] == ["MMC-like", "ADP-like"]
-    assert list(table[0])[4:] == ["clean", *order, "worst_linf"]
+    assert list(table[0])[4:] == ["clean", *order, "worst_linf"] + [f"label_mi_bits:{key}" for key in ("clean", *order)]

@@ -389,8 +389,11 @@ def test_end_to_end_on_two_checkpoints(tiny_target, trades_target, fmnist_dir, t
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [row["label"] for row in table] == ["Standard AT", "TRADES"]
-    assert list(table[0])[4:] == ["clean", "pgd", "fwa", "tidim", "worst_linf", "pgd-l2", "cw", "ddn", "worst_l2",
-                                  "transfer"]
+    accuracy_columns = ["clean", "pgd", "fwa", "tidim", "worst_linf", "pgd-l2", "cw", "ddn", "worst_l2", "transfer"]
+    assert list(table[0])[4:] == accuracy_columns + [f"label_mi_bits:{key}" for key in accuracy_columns
+                                                     if not key.startswith("worst")]
+    assert float(table[1]["label_mi_bits:pgd"]) == pytest.approx(results["models"][1]["attacks"]["pgd"]["label_mi_bits"],
+                                                                abs=1e-6)
     assert float(table[1]["clean"]) == pytest.approx(results["models"][1]["clean"]["accuracy"], abs=1e-6)
 
 

@@ -7,8 +7,10 @@ against torchattacks' PGD.
 
 Also here, for stage 4's adaptive attacks (utils/evaluation.py): the targeted margin h_t - max_{j != t} h_j
 that multi-targeted PGD ascends (pgd_attack with loss "targeted-margin" and a `target` per example), and
-MI-FGSM (momentum_attack). Every margin masks with -inf, never by multiplying with (1 - one_hot): on logits
-that are all <= 0 (MMC's -||z - mu||^2, ADP's log p_bar) a masked 0 would be the largest "other" logit.
+MI-FGSM (momentum_attack); and the "label-mi" loss, the plug-in label MI I(Y; Y^) of the batch's soft
+confusion matrix (utils/label_mi.py), which PGD minimises jointly over the batch. Every margin masks with
+-inf, never by multiplying with (1 - one_hot): on logits that are all <= 0 (MMC's -||z - mu||^2, ADP's
+log p_bar) a masked 0 would be the largest "other" logit.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from utils.label_mi import label_mi
+
 NORMS = ("linf", "l2")
-ATTACK_LOSSES = ("ce", "cw", "kl", "targeted-margin")
+ATTACK_LOSSES = ("ce", "cw", "kl", "targeted-margin", "label-mi")
 _TINY = 1e-12
 
 
@@ -29,7 +33,8 @@ class PGDConfig:
     step_size: float = 2 / 255
     num_steps: int = 10
     loss: str = "ce"            # ce: cross-entropy; cw: CW margin; kl: TRADES' KL to the clean prediction;
-                                # targeted-margin: h_t - max_{j != t} h_j towards pgd_attack's `target`
+                                # targeted-margin: h_t - max_{j != t} h_j towards pgd_attack's `target`;
+                                # label-mi: minus the batch's plug-in I(Y; Y^) (PGD minimises the label MI)
     random_start: str = "uniform"  # uniform: uniform in the ball; normal: 0.001 * N(0, 1) (TRADES); none
 
     def __post_init__(self):
@@ -104,7 +109,11 @@ def targeted_margin(logits, target):
 
 
 def attack_objective(logits, y, loss, clean_probs=None, target=None):
-    """The summed quantity that PGD ascends (a sum keeps per-example gradients independent of the batch size)."""
+    """The summed quantity that PGD ascends (a sum keeps per-example gradients independent of the batch size).
+    The exception is "label-mi": minus the plug-in label MI of the whole batch's soft confusion matrix
+    (utils.label_mi.label_mi, in float32), a joint objective, so each example's gradient depends on its batch."""
+    if loss == "label-mi":
+        return -label_mi(F.softmax(logits.float(), dim=1), y)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     if loss == "cw":

@@ -22,6 +22,12 @@ whose logits are log p_bar, that is the cross-entropy on the averaged probabilit
 Accuracy is still that of the real model. They exist to show, side by side with the honest attack, whether
 and by how much that protocol overstates robustness; the L-inf worst case includes them (they can only
 lower it).
+
+pgd-label-mi, also run only when named, is our formulation of the problem posed in Yi et al. 2020 carried to a
+trained classifier: PGD that minimises the label MI I(Y; Y^) between the true labels and the predictions
+(utils/label_mi.py) instead of raising each example's loss. Per attack (and clean) the run also keeps each
+example's predicted class, and reports I(Y; Y^) in bits, plug-in from the confusion matrix over the whole
+evaluated set, beside the accuracy (AttackResult.label_mi_bits).
 """
 import importlib
 import inspect
@@ -49,6 +55,7 @@ from utils.advertorch_compat import advertorch_attacks
 from utils.attacks import PGDConfig, frozen_eval, momentum_attack, perturbation_norms, pgd_attack
 from utils.errors import UserError
 from utils.fwa import FWAConfig, LocalTransport, fw_wasserstein_attack
+from utils.label_mi import hard_label_mi
 from utils.runtime import autocast
 
 # The white-box attacks of the paper's Table 1, in its order (L-inf group, then L2 group): the default.
@@ -57,15 +64,17 @@ WHITE_BOX_ATTACKS = ("pgd", "aa", "fwa", "tidim", "pgd-l2", "cw", "ddn")
 # protocol (cross-entropy on softmax(logits) taken as logits), each beside its honest attack in the table.
 ADAPTIVE_ATTACKS = ("fgsm", "bim", "mim", "pgd-mt", "pgd-restarts")
 PROBABILITY_ATTACKS = {"fgsm-p": "fgsm", "bim-p": "bim", "pgd-p": "pgd", "mim-p": "mim"}  # -p variant: honest attack
+# PGD minimising the label MI I(Y; Y^) of each batch (module docstring), run only when named.
+LABEL_MI_ATTACKS = ("pgd-label-mi",)
 # Table order: the L-inf columns (FWA, a threat model of its own, among them as in the paper), the L2 ones.
 LINF_COLUMNS = ("pgd", "pgd-p", "aa", "fwa", "tidim", "fgsm", "fgsm-p", "bim", "bim-p", "mim", "mim-p", "pgd-mt",
-                "pgd-restarts")
+                "pgd-restarts", "pgd-label-mi")
 L2_COLUMNS = ("pgd-l2", "cw", "ddn")
 ATTACK_NAMES = LINF_COLUMNS + L2_COLUMNS + ("transfer",)
 # The attacks whose per-example AND is a threat model's worst case. FWA is a threat model of its own,
 # and the transfer attack is black-box (reported separately, as the paper's Table 2).
 WORST_CASE_GROUPS = {"linf": ("pgd", "aa", "tidim", "fgsm", "bim", "mim", "pgd-mt", "pgd-restarts", "fgsm-p",
-                              "bim-p", "pgd-p", "mim-p"),
+                              "bim-p", "pgd-p", "mim-p", "pgd-label-mi"),
                      "l2": ("pgd-l2", "cw", "ddn")}
 WORST_CASE_HEADERS = {"linf": "Worst L-inf", "l2": "Worst L2"}
 
@@ -405,7 +414,30 @@ def build_attacks(names, args, num_classes: int) -> list:
                                    _pgd(pgd), white_box=False),
     }
     attacks.update(adaptive_attacks(args, num_classes, attacks["pgd"]))
+    attacks["pgd-label-mi"] = lambda: label_mi_attack(args)
     return [attacks[name]() for name in names]
+
+
+def label_mi_attack(args) -> Attack:
+    """pgd-label-mi: our formulation of the problem posed in Yi et al. 2020 on a trained classifier. PGD
+    (utils.attacks.pgd_attack, loss "label-mi") descends the plug-in label MI I(Y; Y^) of the batch's soft
+    confusion matrix, softmax probabilities averaged per true class with the batch's empirical P(Y)
+    (utils.label_mi.label_mi), jointly over the batch, with the usual per-example L-inf projection, [0, 1]
+    box and uniform random start. Not a per-example loss: it can leave an example correctly classified if
+    that makes the predictions as a whole less informative of the labels (an attack against label MI, not
+    accuracy). Because the objective is a batch's, each example's adversarial depends on the other examples
+    of its batch: batches are seeded by their index like every attack's, and the batch size (--batch-size;
+    the last batch may be shorter) is recorded in the settings, since the result changes with it; the batches
+    are the same whether one process or several (torchrun) evaluate them."""
+    eps = args.epsilon
+    config = PGDConfig("linf", eps, args.label_mi_step_size, args.label_mi_steps, loss="label-mi")
+    return Attack("pgd-label-mi", f"PGD-{config.num_steps} (label MI)", "linf", eps,
+                  {"epsilon": eps, "step_size": config.step_size, "steps": config.num_steps, "random_start": "uniform",
+                   "loss": "minus the plug-in label MI I(Y; Y^) of the batch's soft confusion matrix, jointly over "
+                           "the batch",
+                   "batch_size": args.batch_size,
+                   "implementation": "utils.attacks.pgd_attack (loss label-mi: utils.label_mi.label_mi)"},
+                  _pgd(config))
 
 
 CE_ON_PROBABILITIES = ("the ADP authors' protocol (cleverhans 2.1.0): cross-entropy on softmax(logits) taken as "
@@ -639,10 +671,20 @@ class AttackResult:
     unthresholded_robust: Optional[torch.Tensor] = None
     side_effects: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    predicted: Optional[torch.Tensor] = None  # the predicted class per example (int64)
+    labels: Optional[torch.Tensor] = None     # the true class per example
 
     @property
     def accuracy(self) -> float:
         return self.robust.float().mean().item() if len(self.robust) else float("nan")
+
+    @property
+    def label_mi_bits(self) -> float:
+        """I(Y; Y^) in bits between the true labels and the predictions, plug-in from the confusion matrix over
+        every evaluated example (nan when the predictions were not kept)."""
+        if self.predicted is None or self.labels is None:
+            return float("nan")
+        return hard_label_mi(self.predicted, self.labels)
 
 
 @dataclass
@@ -654,6 +696,8 @@ class BatchOutcome:
     budget: Optional[tuple] = None           # BudgetCheck.record's arguments
     unthresholded_robust: Optional[torch.Tensor] = None
     notes: list = field(default_factory=list)
+    predicted: Optional[torch.Tensor] = None  # the predicted class per example, on the CPU
+    labels: Optional[torch.Tensor] = None     # the true class per example, on the CPU
 
 
 def in_batch_order(per_process: list) -> list:
@@ -669,9 +713,15 @@ def combine(outcomes: list, seconds: float, budget: Optional[BudgetCheck] = None
             budget.record(*outcome.budget)
     robust = [outcome.robust for outcome in outcomes]
     unthresholded = [outcome.unthresholded_robust for outcome in outcomes if outcome.unthresholded_robust is not None]
+    predicted, labels = None, None
+    if all(outcome.predicted is not None and outcome.labels is not None for outcome in outcomes):
+        empty = torch.zeros(0, dtype=torch.long)
+        predicted = torch.cat([empty] + [outcome.predicted.long() for outcome in outcomes])
+        labels = torch.cat([empty] + [outcome.labels.long() for outcome in outcomes])
     return AttackResult(torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool), seconds, budget,
                         sum(outcome.nan for outcome in outcomes), torch.cat(unthresholded) if unthresholded else None,
-                        list(side_effects), list(dict.fromkeys(note for outcome in outcomes for note in outcome.notes)))
+                        list(side_effects), list(dict.fromkeys(note for outcome in outcomes for note in outcome.notes)),
+                        predicted, labels)
 
 
 def problems_of_every_process(problems: list) -> list:
@@ -685,7 +735,7 @@ def clean_predictions(model, loader, device, amp, desc="clean") -> AttackResult:
     for index, (x, y) in _progress(loader, desc):
         x, y = x.to(device), y.to(device)
         predicted, has_nan = predictions(model, x, device, amp)
-        outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan))
+        outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, predicted=predicted.cpu(), labels=y.cpu()))
     outcomes = in_batch_order(distributed.gather_from_all(outcomes))
     return combine(outcomes, time.perf_counter() - started)
 
@@ -718,7 +768,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
             if output.unthresholded is not None:
                 unthresholded = (predictions(model, output.unthresholded.clamp(0, 1), device, amp)[0] == y).cpu()
             outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, measure_budget(attack, x, output),
-                                         unthresholded, output.notes))
+                                         unthresholded, output.notes, predicted.cpu(), y.cpu()))
             done = torch.cat([outcome.robust for outcome in outcomes])
             bar.set_postfix(acc=f"{done.float().mean().item():.3f}", refresh=False)
     side_effects = snapshot.problems(model)
@@ -746,7 +796,8 @@ def run_transfer(surrogate, targets: list, attack: Attack, loader, device, amp, 
             budget = measure_budget(attack, x, output)
             for target_outcomes, model in zip(outcomes, targets):
                 predicted, has_nan = predictions(model, output.x_adv.clamp(0, 1), device, amp)
-                target_outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, budget))
+                target_outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, budget,
+                                                    predicted=predicted.cpu(), labels=y.cpu()))
     side_effects = []
     for snapshot, model in zip(snapshots, [surrogate, *targets]):
         side_effects.extend(snapshot.problems(model))
@@ -786,7 +837,11 @@ def sanity_warnings(label: str, clean: AttackResult, results: dict, attacks: dic
     for name, result in results.items():
         attack = attacks[name]
         column = attack.column if name != "transfer" else "the transfer attack"
-        if result.accuracy > clean.accuracy:
+        if name in LABEL_MI_ATTACKS:  # it minimises the label MI, not the accuracy: judged on the label MI
+            if result.label_mi_bits > clean.label_mi_bits:
+                lines.append(f"{label}: {column} label MI {result.label_mi_bits:.3f} bits is above the clean label MI "
+                             f"{clean.label_mi_bits:.3f} bits: the attack is failing")
+        elif result.accuracy > clean.accuracy:
             revived = int((result.robust & ~clean.robust).sum())
             lines.append(f"{label}: {column} accuracy {result.accuracy:.2%} is above clean accuracy {clean.accuracy:.2%} "
                          f"({revived} examples misclassified clean are correct after the attack): the attack is failing")
@@ -842,17 +897,30 @@ def row_accuracies(record: dict) -> dict:
     return values
 
 
+def row_label_mi(record: dict) -> dict:
+    """A results.json model record's label MI I(Y; Y^) in bits per column key (clean and every attack; the
+    worst-case columns have none: they keep no single prediction per example)."""
+    values = {"clean": record["clean"].get("label_mi_bits")}
+    values.update({name: entry.get("label_mi_bits") for name, entry in record["attacks"].items()})
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def format_percent(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
-def markdown_table(labels, columns, accuracies) -> str:
+def format_bits(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def markdown_table(labels, columns, accuracies, formatter=format_percent) -> str:
     """A markdown table: a row per model (its label, then its accuracy in % per column key).
 
-    accuracies: one dict per label mapping column keys to accuracies in [0, 1] (missing: '-')."""
+    accuracies: one dict per label mapping column keys to accuracies in [0, 1] (missing: '-'); formatter
+    writes a cell (format_bits: label MI in bits)."""
     header = ["Defense"] + [title for _, title in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
     for label, values in zip(labels, accuracies):
-        cells = [label] + [format_percent(values.get(key)) for key, _ in columns]
+        cells = [label] + [formatter(values.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
