@@ -103,7 +103,8 @@ def test_namid_mmc_reads_estimators_trained_on_at_mmc(seed):
     assert stage3.kind == "namid" and stage3.script == "train_MIAT.py"
     assert flag_value(stage3.argv, "--estimators") == f"study/seed{seed}/only-max-at-mmc/estimators.pt"
     assert flag_value(stage3.argv, "--head") == "mmc" and flag_value(stage3.argv, "--base-loss") == "at"
-    assert flag_value(stage3.argv, "--alpha") == "0.5"  # the preset's NAMID settings still apply
+    assert flag_value(stage3.argv, "--alpha") == "13.6"  # matched to the MMC loss's gradient scale (utils/presets.py)
+    assert flag_value(stage3.argv, "--grad-clip") == "10"  # the preset's other NAMID settings still apply
     assert stage3.deps == [f"seed{seed}/only-max-at-mmc"]
     assert stage3.inputs == [Path(f"study/seed{seed}/only-max-at-mmc/estimators.pt")]
     # Standard AT is a row here, but no NAMID row reads estimators on it: no stage-2 run on it
