@@ -118,10 +118,7 @@ def resolve_args(args, estimator_checkpoint):
     if args.epsilon is None and args.norm == attack["norm"]:
         args.epsilon = attack["epsilon"]
     resolve_dataset_defaults(args)
-    try:
-        check_head_supports(args.head, args.base_loss)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    check_head_supports(args.head, args.base_loss)
     if args.model_dir is None:
         ablation = "".join(f"_{flag}" for flag, on in (("no-adv-mi", args.no_adv_mi), ("no-nat-mi", args.no_nat_mi)) if on)
         head = "" if args.head == "softmax" else f"_{args.head}"

@@ -43,10 +43,7 @@ def parse_args(argv=None):
         args.model_dir = f"checkpoints/{STAGE}_{args.dataset}_{args.arch}{head}_{args.loss}_{args.norm}_seed{args.seed}"
     if args.norm == "linf" and args.epsilon >= 1:
         raise UserError(f"--epsilon {args.epsilon} is not an L-inf budget in [0, 1] pixel units (try 8/255)")
-    try:
-        check_head_supports(args.head, args.loss)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    check_head_supports(args.head, args.loss)
     return args
 
 

@@ -19,6 +19,7 @@ from models import build_model
 from models.estimators import build_estimators
 from tests.helpers import assert_one_line_error, run_script
 from utils.attacks import PGDConfig
+from utils.errors import UserError
 from utils.losses import OBJECTIVES, check_head_supports, training_loss
 from utils.namid import make_namid_step
 from utils.training import load_model, make_adversarial_step, model_from_spec
@@ -196,7 +197,7 @@ def test_objectives_with_heads():
     assert OBJECTIVES["at"].needs_clean_outputs(Head("adp", 2, 0.5)) and not OBJECTIVES["at"].needs_clean_outputs(Head("mmc"))
     for head in ("mmc", "adp"):
         for loss in ("trades", "mart"):
-            with pytest.raises(ValueError, match="softmax"):
+            with pytest.raises(UserError, match="softmax"):
                 check_head_supports(head, loss)
     check_head_supports("mm-lda", "trades")
 

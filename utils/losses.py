@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.attacks import PGDConfig
+from utils.errors import UserError
 
 BASE_LOSSES = ("at", "trades", "mart")
 TRAINING_LOSSES = ("natural",) + BASE_LOSSES
@@ -78,9 +79,10 @@ def training_loss(objective: Objective, head, outputs_nat, outputs_adv, y, beta)
 
 
 def check_head_supports(head_name: str, loss: str):
-    """ValueError when an objective is not defined for a head (defenses/__init__.py says why)."""
+    """UserError (one line from the stage scripts) when an objective is not defined for a head
+    (defenses/__init__.py says why)."""
     if loss in ("trades", "mart") and head_name not in ("softmax", "mm-lda"):
-        raise ValueError(f"{loss.upper()} uses a softmax over the logits, which is saturated for the {head_name} head "
+        raise UserError(f"{loss.upper()} uses a softmax over the logits, which is saturated for the {head_name} head "
                          f"(mmc) or not its prediction rule (adp); use --loss natural or at with --head {head_name}")
 
 
