@@ -511,7 +511,7 @@ def test_stage4_end_to_end_writes_the_new_columns(fmnist_dir, tmp_path, monkeypa
     torch.manual_seed(0)
     models = {"mmc.pt": MMCLike(28 * 28, 10, 5.0).eval(), "adp.pt": ADPLike(28 * 28, 10).eval()}
 
-    def load_models(paths, device):
+    def load_models(paths, device, channels_last=None):
         return [(models[str(path)], {"stage": "test", "config": {}, "epoch": 0,
                                      "model_spec": {"dataset": "fashion-mnist", "arch": "tiny"}}) for path in paths]
 

@@ -449,3 +449,34 @@ def test_the_bench_refuses_an_unknown_option(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--configs", "amp,turbo"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "unknown option(s) turbo" in result.stderr
+
+
+def test_stage4_evaluates_small_cnn_in_channels_last_on_the_cpu_alike(fmnist_dir, tmp_path):
+    """test_comparison's default on the CPU: a SmallCNN checkpoint in channels_last (recorded per model in
+    results.json), a ResNet not; --no-channels-last turns it off; the table is the same up to rounding
+    (at most one of 40 images flips)."""
+    import test_comparison
+    train_standard.main(small_args(fmnist_dir, tmp_path / "run", "--epochs", "1"))
+    checkpoint = tmp_path / "run" / "best.pt"
+    cpu = torch.device("cpu")
+    (model, record), = test_comparison.load_models([checkpoint], cpu)
+    assert record["channels_last"] is True
+    assert model.net.feature_extractor.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    (plain, record), = test_comparison.load_models([checkpoint], cpu, channels_last=False)
+    assert record["channels_last"] is False
+    assert plain.net.feature_extractor.conv2.weight.is_contiguous()
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-4)
+    accuracies = {}
+    for flag in ("--channels-last", "--no-channels-last"):
+        out = tmp_path / flag
+        assert test_comparison.main(["--checkpoints", str(checkpoint), "--data-dir", str(fmnist_dir), "--test-limit", "40",
+                                     "--attacks", "pgd", "--pgd-steps", "3", "--device", "cpu", "--out-dir", str(out),
+                                     flag]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["models"][0]["channels_last"] is (flag == "--channels-last")
+        accuracies[flag] = (results["models"][0]["clean"]["accuracy"], results["models"][0]["attacks"]["pgd"]["accuracy"])
+    (clean_a, pgd_a), (clean_b, pgd_b) = accuracies.values()
+    assert abs(clean_a - clean_b) <= 1 / 40 and abs(pgd_a - pgd_b) <= 1 / 40
+    assert test_comparison.default_channels_last(cpu, "resnet18") is False

@@ -219,7 +219,7 @@ def test_stage4_label_mi_column_is_the_plug_in_of_the_per_example_predictions(fm
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
     spec = {"stage": "test", "config": {}, "epoch": 0, "model_spec": {"dataset": "fashion-mnist", "arch": "tiny"}}
-    monkeypatch.setattr(test_comparison, "load_models", lambda paths, device: [(model, spec) for _ in paths])
+    monkeypatch.setattr(test_comparison, "load_models", lambda paths, device, channels_last=None: [(model, spec) for _ in paths])
     out = tmp_path / "out"
     argv = ["--checkpoints", "m.pt", "--labels", "linear", "--surrogate", "m.pt", "--data-dir", str(fmnist_dir),
             "--test-limit", "30", "--batch-size", "8", "--device", "cpu", "--out-dir", str(out),
