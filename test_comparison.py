@@ -48,8 +48,10 @@ from utils.run_warnings import RunWarnings
 from utils.runtime import default_channels_last, git_commit, package_versions
 from utils.training import load_model
 
-BASE_LOSS_LABELS = {"at": "Standard AT", "trades": "TRADES", "mart": "MART"}
+BASE_LOSS_LABELS = {"at": "Standard AT", "trades": "TRADES", "mart": "MART", "mixup": "mixup", "iat": "IAT",
+                    "natural": "natural"}
 NAMID_LABELS = {"at": "NAMID", "trades": "NAMID-T", "mart": "NAMID-M"}
+HEAD_LABELS = {"mm-lda": "MM-LDA", "mmc": "MMC", "adp": "ADP", "rce": "RCE"}
 
 
 def build_parser():
@@ -172,6 +174,9 @@ def defense_label(checkpoint: dict, path) -> str:
     """The defense a checkpoint was trained with, as the paper's tables name it."""
     stage, config = checkpoint.get("stage"), checkpoint.get("config", {})
     suffix = " (L2)" if config.get("norm") == "l2" else ""
+    head = checkpoint.get("model_spec", {}).get("head", "softmax")
+    if head in HEAD_LABELS:  # e.g. "natural, RCE head", "Standard AT, MMC head", "NAMID, MMC head"
+        suffix = f", {HEAD_LABELS[head]} head" + suffix
     if stage == "standard":
         loss = config.get("loss", "at")
         return BASE_LOSS_LABELS.get(loss, f"standard {loss}") + suffix

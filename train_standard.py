@@ -6,14 +6,17 @@ Examples (Fashion-MNIST, SmallCNN, a subset; run on a laptop CPU):
     python train_standard.py --dataset fashion-mnist --train-limit 10000 --epochs 10
     python train_standard.py --dataset fashion-mnist --train-limit 10000 --epochs 10 --head mmc          # AT-MMC-10
     python train_standard.py --dataset fashion-mnist --train-limit 10000 --loss natural --head adp      # ADP_{2,0.5}
+    python train_standard.py --dataset fashion-mnist --train-limit 10000 --loss iat   # for test_mixup_inference.py
 """
 import sys
 from pathlib import Path
 
 from utils.cli import (ArgumentParser, add_attack_args, add_data_args, add_model_args, add_optimizer_args,
-                       add_runtime_args, nonnegative_number, resolve_dataset_defaults)
+                       add_runtime_args, nonnegative_number, positive_number, resolve_dataset_defaults,
+                       unit_interval)
+from utils.data import dataset_info
 from utils.errors import UserError, run_main
-from utils.losses import OBJECTIVES, TRAINING_LOSSES, check_head_supports
+from utils.losses import MIXUP_LOSSES, OBJECTIVES, TRAINING_LOSSES, check_head_supports
 from utils.training import make_adversarial_step, train_target_model
 
 STAGE = "standard"
@@ -30,8 +33,17 @@ def build_parser():
     group.add_argument("--loss", choices=TRAINING_LOSSES, default="at",
                        help="at: Standard AT (Madry; with --head mmc its attack ascends the CW margin, with adp it trains on "
                             "x~ and x as the ADP paper's AT); trades: TRADES; mart: MART; natural: no attack, the head's "
-                            "own loss on clean images (best.pt is then selected on validation clean accuracy)")
+                            "own loss on clean images (best.pt is then selected on validation clean accuracy); mixup: mixup "
+                            "training (best.pt on validation clean accuracy); iat: interpolated adversarial training "
+                            "(PGD at --epsilon / --num-steps / --step-size against the model's predicted labels, then "
+                            "mixup of the adversarial and of the clean batch). Both train models for mixup inference "
+                            "(test_mixup_inference.py), softmax head only")
     group.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term of TRADES / MART")
+    group.add_argument("--mixup-alpha", type=positive_number, default=1.0,
+                       help="mixup / iat: lambda ~ Beta(alpha, alpha) per example (the mixup inference authors' 1)")
+    group.add_argument("--iat-adv-ratio", type=unit_interval, default=0.5,
+                       help="iat: weight r of the adversarial mix, loss = r CE(adv mix) + (1 - r) CE(clean mix) "
+                            "(the authors' 0.5)")
     add_runtime_args(parser, "checkpoints/standard_<dataset>_<arch>[_<head>]_<loss>_<norm>_seed<seed>", fast_path=True)
     return parser
 
@@ -53,6 +65,10 @@ def main(argv=None):
     objective = OBJECTIVES[args.loss]
 
     def make_step(model, schedule, generator, head):
+        if args.loss in MIXUP_LOSSES:
+            from defenses.mixup_inference import make_mixup_step
+            return make_mixup_step(model, args.loss, dataset_info(args.dataset).num_classes, schedule, generator,
+                                   args.mixup_alpha, args.iat_adv_ratio)
         return make_adversarial_step(model, objective, schedule, args.beta, generator, bn_stats=args.bn_stats, head=head)
 
     train_target_model(args, argv, Path(__file__).name, STAGE, objective, make_step)

@@ -8,9 +8,11 @@ natural training and in Standard AT:
     mm-lda    logits z . mu on fixed Max-Mahalanobis centers; cross-entropy  (defenses/max_mahalanobis.py)
     mmc       logits -||z - mu||^2; the MMC loss 1/2 ||z - mu_y||^2          (defenses/max_mahalanobis.py)
     adp       an ensemble of K softmax members, logits log p_bar; the ADP loss (defenses/adp.py)
+    rce       a linear layer Z, logits -Z; the reverse cross-entropy           (defenses/rce.py)
 
 TRADES and MART are defined on a softmax over the logits; they apply to softmax and mm-lda heads only
-(MMC's logit gaps of ~10^2 saturate that softmax; ADP's loss is defined on its members).
+(MMC's logit gaps of ~10^2 saturate that softmax; ADP's loss is defined on its members; RCE's would mix
+cross-entropy, which makes argmax Z = y, with the reverse cross-entropy, which makes argmin Z = y).
 """
 from dataclasses import dataclass
 
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 
 from defenses.adp import adp_loss, ensemble_logits, member_outputs
 from defenses.max_mahalanobis import mmc_loss
+from defenses.rce import rce_loss
 
-HEAD_NAMES = ("softmax", "mm-lda", "mmc", "adp")
+HEAD_NAMES = ("softmax", "mm-lda", "mmc", "adp", "rce")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Head:
     def loss(self, outputs, y):
         if self.name == "mmc":
             return mmc_loss(outputs, y)
+        if self.name == "rce":
+            return rce_loss(outputs, y)
         if self.is_ensemble:
             return adp_loss(outputs, y, self.adp_alpha, self.adp_beta)
         return F.cross_entropy(outputs, y)

@@ -4,7 +4,8 @@ Use `build_model`; it returns nn.Sequential(normalize=Normalize(mean, std), net=
 so `model.net` is the bare network and `model(x)` maps (B, C, H, W) images in [0, 1]
 to (B, num_classes) logits. With another `head` (defenses/__init__.py), `model.net` is that head around
 the network: a Max-Mahalanobis head (mm-lda, mmc) whose network outputs `feature_dim` features, or an
-ADP ensemble of `members` networks; `model(x)` still returns the logits whose argmax is the prediction.
+ADP ensemble of `members` networks, or the RCE wrapper that returns -network(x); `model(x)` still returns
+the logits whose argmax is the prediction.
 """
 from collections import OrderedDict
 from typing import Sequence
@@ -14,6 +15,7 @@ from torch import nn
 from defenses import HEAD_NAMES
 from defenses.adp import Ensemble
 from defenses.max_mahalanobis import MaxMahalanobisHead
+from defenses.rce import ReversedLogits
 from .normalize import Normalize
 from .resnet import ResNet, resnet18, resnet34
 from .small_cnn import SmallCNN
@@ -50,6 +52,9 @@ def _build_head(head: str, arch: str, num_classes: int, feature_dim: int, mm_sca
     if head in ("mm-lda", "mmc"):
         # The network's last linear layer becomes the Dense(d) that outputs the feature z.
         return MaxMahalanobisHead(_build_network(arch, feature_dim, **network), head, num_classes, feature_dim, mm_scale)
+    if head == "rce":
+        # The network outputs Z; the model's logits are -Z (its prediction is argmin Z).
+        return ReversedLogits(_build_network(arch, num_classes, **network))
     if head == "adp":
         if members < 2:
             raise ValueError(f"an ADP ensemble needs at least 2 members, got {members}")

@@ -332,6 +332,18 @@ def test_rows_are_labelled_by_defense(stage, config, label):
     assert test_comparison.defense_label({"stage": stage, "config": config}, "run/best.pt") == label
 
 
+@pytest.mark.parametrize("stage,config,head,label", [
+    ("standard", {"loss": "natural"}, "rce", "natural, RCE head"),
+    ("standard", {"loss": "at"}, "mmc", "Standard AT, MMC head"),
+    ("standard", {"loss": "natural"}, "softmax", "natural"),
+    ("standard", {"loss": "at", "norm": "l2"}, "adp", "Standard AT, ADP head (L2)"),
+    ("namid", {"base_loss": "at", "mi_mode": "namid"}, "mmc", "NAMID, MMC head"),
+])
+def test_rows_name_the_head_of_a_seed_talk_model(stage, config, head, label):
+    checkpoint = {"stage": stage, "config": config, "model_spec": {"head": head}}
+    assert test_comparison.defense_label(checkpoint, "run/best.pt") == label
+
+
 def test_advertorch_shim_restores_zero_gradients():
     a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
     (a.sum() + 2 * b.sum()).backward()

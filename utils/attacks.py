@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from utils.label_mi import label_mi
 
 NORMS = ("linf", "l2")
-ATTACK_LOSSES = ("ce", "cw", "kl", "targeted-margin", "label-mi")
+ATTACK_LOSSES = ("ce", "cw", "kl", "targeted-margin", "targeted-ce", "label-mi")
 _TINY = 1e-12
 
 
@@ -34,6 +34,7 @@ class PGDConfig:
     num_steps: int = 10
     loss: str = "ce"            # ce: cross-entropy; cw: CW margin; kl: TRADES' KL to the clean prediction;
                                 # targeted-margin: h_t - max_{j != t} h_j towards pgd_attack's `target`;
+                                # targeted-ce: -CE(h, target) (iterative least-likely class, ILCM);
                                 # label-mi: minus the batch's plug-in I(Y; Y^) (PGD minimises the label MI)
     random_start: str = "uniform"  # uniform: uniform in the ball; normal: 0.001 * N(0, 1) (TRADES); none
 
@@ -120,6 +121,8 @@ def attack_objective(logits, y, loss, clean_probs=None, target=None):
         return cw_margin(logits, y).sum()
     if loss == "targeted-margin":
         return targeted_margin(logits, target).sum()
+    if loss == "targeted-ce":
+        return -F.cross_entropy(logits, target, reduction="sum")
     return F.kl_div(F.log_softmax(logits, dim=1), clean_probs, reduction="sum")
 
 
@@ -169,10 +172,11 @@ def pgd_attack(model, x, y, config: PGDConfig, generator=None, target=None):
     seeded one when None), never from the global RNG, and the result is detached. Nothing in the loop
     reads a value back to the host (no .item(), no data-dependent branch), so on a GPU the host queues
     every step without waiting for the device; the update is compiled when compile_attack_step(model) was called.
-    `target` (a class per example) is the class the "targeted-margin" loss pushes towards; other losses ignore it.
+    `target` (a class per example) is the class the "targeted-margin" and "targeted-ce" losses push towards; other
+    losses ignore it.
     """
-    if config.loss == "targeted-margin" and target is None:
-        raise ValueError('the "targeted-margin" loss needs a target class per example')
+    if config.loss in ("targeted-margin", "targeted-ce") and target is None:
+        raise ValueError(f'the "{config.loss}" loss needs a target class per example')
     if generator is None:
         generator = torch.Generator(device=x.device)
         generator.seed()

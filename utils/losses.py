@@ -15,7 +15,9 @@ from utils.attacks import PGDConfig
 from utils.errors import UserError
 
 BASE_LOSSES = ("at", "trades", "mart")
-TRAINING_LOSSES = ("natural",) + BASE_LOSSES
+# Mixup and interpolated adversarial training, for mixup inference (their steps: defenses/mixup_inference.py).
+MIXUP_LOSSES = ("mixup", "iat")
+TRAINING_LOSSES = ("natural",) + BASE_LOSSES + MIXUP_LOSSES
 _LOG_EPS = 1e-12
 
 
@@ -81,6 +83,12 @@ def training_loss(objective: Objective, head, outputs_nat, outputs_adv, y, beta)
 def check_head_supports(head_name: str, loss: str):
     """UserError (one line from the stage scripts) when an objective is not defined for a head
     (defenses/__init__.py says why)."""
+    if loss in ("trades", "mart") and head_name == "rce":
+        raise UserError(f"{loss.upper()} adds cross-entropy terms on the logits, which with --head rce would train the "
+                        f"same output Z both ways (CE makes argmax Z = y, RCE argmin Z = y); use --loss natural or at")
+    if loss in MIXUP_LOSSES and head_name != "softmax":
+        raise UserError(f"--loss {loss} trains on soft labels with cross-entropy, defined here for the softmax head "
+                        f"only, not --head {head_name}")
     if loss in ("trades", "mart") and head_name not in ("softmax", "mm-lda"):
         raise UserError(f"{loss.upper()} uses a softmax over the logits, which is saturated for the {head_name} head "
                          f"(mmc) or not its prediction rule (adp); use --loss natural or at with --head {head_name}")
@@ -94,4 +102,8 @@ OBJECTIVES = {
     "mart": Objective("mart", mart_loss, "ce", "normal", needs_clean_logits=True),
     # Natural (non-adversarial) training: the head's loss on clean images, as the SCE/MMC/ADP rows of the seed talk.
     "natural": Objective("natural", None, "ce", "none", needs_clean_logits=True, adversarial=False),
+    # Mixup (best.pt on validation clean accuracy, as natural) and IAT, whose PGD (random start) ascends the
+    # cross-entropy of the model's predicted labels; both steps are defenses/mixup_inference.make_mixup_step.
+    "mixup": Objective("mixup", None, "ce", "none", needs_clean_logits=True, adversarial=False),
+    "iat": Objective("iat", None, "ce", "uniform", needs_clean_logits=False),
 }

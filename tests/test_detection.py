@@ -1,0 +1,235 @@
+"""The detectors (defenses/detectors.py), the detection attacks (utils/detection.py) and test_detection.py: scores
+against hand computations, AUC and thresholds, detectors.pt, targeted attacks on reversed logits, the
+detector-aware attack against the oblivious one, and the script end to end on tiny CE and RCE checkpoints."""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import train_standard
+from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, confidence, detectors_path, fpr_threshold,
+                                load_or_fit_detectors, non_maximal_entropy, rank_auc, settings_for)
+from tests.conftest import REPO
+from tests.helpers import assert_one_line_error, run_script
+from utils.detection import attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome
+from utils.training import load_model
+
+
+def _load_script():
+    """The script test_detection.py (this test module has its name, so `import test_detection` is this module)."""
+    spec = importlib.util.spec_from_file_location("test_detection_script", REPO / "test_detection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+test_detection = _load_script()
+
+# ----------------------------------------------------------------------------------------------
+# Scores, AUC and thresholds
+
+
+def test_non_me_of_a_vector_uniform_over_the_non_maximal_classes_is_log_l_minus_1():
+    probs = torch.full((1, 10), 0.02)
+    probs[0, 4] = 0.82
+    assert non_maximal_entropy(probs.log()).item() == pytest.approx(math.log(9), rel=1e-5)
+    assert confidence(probs.log()).item() == pytest.approx(0.82, rel=1e-5)
+
+
+def test_non_me_matches_the_authors_formula_and_has_finite_gradients():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(20, 10, requires_grad=True)
+    p = torch.softmax(logits, 1)
+    top = p.argmax(1, keepdim=True)
+    rest = p.scatter(1, top, 0.0)
+    s = rest.sum(1)
+    authors = (-(rest * torch.log(rest.clamp_min(1e-30))).sum(1)) / s + torch.log(s)  # test_adv.py's form
+    assert torch.allclose(non_maximal_entropy(logits), authors, atol=1e-5)
+    gradient, = torch.autograd.grad(non_maximal_entropy(logits).sum(), logits)
+    assert torch.isfinite(gradient).all()
+
+
+def test_k_density_is_in_0_1_and_1_when_every_kernel_is_z():
+    torch.manual_seed(0)
+    kernels, labels = torch.randn(30, 5), torch.arange(30) % 3
+    density = KernelDensity(kernels, labels, sigma2=0.385, num_classes=3)
+    z = torch.randn(8, 5)
+    values = density.log_density(z, torch.arange(8) % 3).exp()
+    assert ((values > 0) & (values <= 1)).all()
+    manual = torch.exp(-((z[0] - kernels[labels == 0]) ** 2).sum(1) / 0.385).mean()
+    assert values[0].item() == pytest.approx(manual.item(), rel=1e-5)
+    point = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.0]])
+    same = KernelDensity(point.repeat(7, 1), torch.zeros(7, dtype=torch.long), sigma2=0.385, num_classes=1)
+    assert same.log_density(point, torch.zeros(1, dtype=torch.long)).exp().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_auc_of_identical_and_separated_score_sets():
+    scores = torch.randn(50)
+    assert rank_auc(scores, scores) == pytest.approx(0.5)
+    assert rank_auc(scores + 100, scores) == 1.0 and rank_auc(scores, scores + 100) == 0.0
+    torch.manual_seed(1)
+    pos, neg = torch.randint(0, 5, (40,)).float(), torch.randint(0, 5, (30,)).float()  # many ties
+    pairwise = ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean()
+    assert rank_auc(pos, neg) == pytest.approx(pairwise.item())
+    assert math.isnan(rank_auc(pos, []))
+
+
+def test_threshold_rejects_the_fpr_quantile_of_clean_scores():
+    torch.manual_seed(2)
+    scores = torch.randn(1000)
+    tau = fpr_threshold(scores, 0.05)
+    assert (scores < tau).sum().item() == 50, "exactly floor(0.05 * 1000) clean scores below the threshold"
+    assert (scores < fpr_threshold(scores[:333], 0.05)).float().mean() == pytest.approx(0.05, abs=0.02)
+    assert (scores[:333] < fpr_threshold(scores[:333], 0.05)).sum().item() == math.floor(0.05 * 333)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny trained checkpoints
+
+
+def train(fmnist_dir, model_dir, head, epochs=3, train_limit="600"):
+    train_standard.main(["--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--train-limit", train_limit,
+                         "--val-size", "200", "--test-limit", "50", "--batch-size", "32", "--epochs", str(epochs),
+                         "--milestones", "100", "--loss", "natural", "--head", head, "--eval-steps", "1",
+                         "--device", "cpu", "--model-dir", str(model_dir)])
+    return model_dir / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(fmnist_dir, tmp_path_factory):
+    """best.pt of a tiny CE and a tiny RCE SmallCNN (natural training, 600 Fashion-MNIST images, 3 epochs)."""
+    folder = tmp_path_factory.mktemp("detection")
+    return {head: train(fmnist_dir, folder / head, head) for head in ("softmax", "rce")}
+
+
+@pytest.fixture(scope="module")
+def test_batch(fmnist_dir):
+    from utils.data import load_splits
+    splits = load_splits("fashion-mnist", fmnist_dir, val_size=0, train_limit=1, test_limit=100, seed=1)
+    xs, ys = zip(*(splits.test[i] for i in range(len(splits.test))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def fitted(checkpoints, fmnist_dir, head, **overrides):
+    model, checkpoint = load_model(checkpoints[head], "cpu")
+    options = dict(kernels_per_class=100, sigma2=None, fpr=0.05, seed=0) | overrides
+    settings = settings_for(checkpoint, checkpoints[head], **options)
+    detectors, status = load_or_fit_detectors(model.eval(), checkpoint, checkpoints[head], settings, fmnist_dir, "cpu")
+    return model, detectors, status
+
+
+def test_detectors_file_round_trip_reuse_and_refit(checkpoints, fmnist_dir):
+    path = detectors_path(checkpoints["rce"])
+    path.unlink(missing_ok=True)
+    model, detectors, status = fitted(checkpoints, fmnist_dir, "rce")
+    assert status == "fitted" and path.is_file() and path.name == "best.detectors.pt"
+    assert detectors.settings.sigma2 == DEFAULT_SIGMA2["rce"] == pytest.approx(0.1 / 0.26)
+    assert detectors.density.counts() == [60] * 10, "600 balanced training images: 60 per class, fewer than 100"
+    assert all(abs(rate - 0.05) <= 0.0051 for name, rate in detectors.val_fpr.items() if name != "all")
+    state = torch.load(path, weights_only=True)
+    again = Detectors.from_state(state)
+    assert again.thresholds == detectors.thresholds and torch.equal(again.density.kernels, detectors.density.kernels)
+    assert fitted(checkpoints, fmnist_dir, "rce")[2] == "reused"
+    model, refitted, status = fitted(checkpoints, fmnist_dir, "rce", fpr=0.1)
+    assert status == "fitted" and refitted.thresholds["confidence"] >= detectors.thresholds["confidence"]
+    assert fitted(checkpoints, fmnist_dir, "rce", fpr=0.1)[2] == "reused"
+    assert fitted(checkpoints, fmnist_dir, "softmax")[1].settings.sigma2 == pytest.approx(1 / 0.26)
+
+
+def test_targeted_attacks_reach_their_target_under_argmax_of_the_reversed_logits(checkpoints, fmnist_dir, test_batch):
+    model, detectors, _ = fitted(checkpoints, fmnist_dir, "rce")
+    x, y = test_batch[0][:16], test_batch[1][:16]
+    args = test_detection.build_parser().parse_args(["--checkpoints", "x", "--epsilon", "0.3", "--cw-steps", "50",
+                                                     "--cw-search-steps", "2", "--cw-lr", "0.05", "--jsma-gamma", "0.1"])
+    args.aware_step_size = 0.075
+    for attack in build_detection_attacks(["ilcm", "jsma", "cw"], args, 10):
+        x_adv, target = attack.craft(model, detectors, x, y, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            z = model.net.network(model.normalize(x_adv))
+        reached = (model(x_adv).argmax(1) == target).float().mean().item()
+        assert torch.equal(model(x_adv).argmax(1), z.argmin(1))
+        least = {"jsma": 0.25}.get(attack.name, 0.5)  # JSMA changes at most 10 % of the pixels (chance: 1/9)
+        assert reached >= least, f"{attack.name} reached its target on {reached:.0%}"
+        if attack.name == "ilcm":
+            with torch.no_grad():
+                assert torch.equal(target, model(x).argmin(1)), "ILCM's target: the least likely class under h"
+
+
+def test_detector_aware_attack_beats_the_oblivious_one_with_rejection(checkpoints, fmnist_dir, test_batch):
+    model, detectors, _ = fitted(checkpoints, fmnist_dir, "rce")
+    x, y = test_batch
+    batches = [(0, (x, y))]
+    clean = clean_outcome(model, detectors, batches, "cpu")
+    assert (clean.predicted == y).float().mean() >= 0.5, "the tiny RCE model did not train"
+    args = test_detection.build_parser().parse_args(["--checkpoints", "x", "--epsilon", "0.1", "--aware-steps", "20"])
+    args.aware_step_size = 0.025
+    results = {}
+    for attack in build_detection_attacks(["bim", "aware"], args, 10):
+        results[attack.name] = attack_metrics(y, clean, attack_outcome(model, detectors, attack, batches, "cpu", 0))
+    oblivious, aware = results["bim"]["accuracy_with_rejection"], results["aware"]["accuracy_with_rejection"]
+    assert aware["all"] < oblivious["all"] - 0.05, (aware, oblivious)
+    assert results["aware"]["max_linf"] <= 0.1 + 1e-6
+    assert results["aware"]["adversarial_accepted"]["all"] > results["bim"]["adversarial_accepted"]["all"]
+
+
+def test_aware_objective_is_the_capped_margin_plus_the_detectors_shortfalls():
+    kernels = torch.zeros(4, 3)
+    density = KernelDensity(kernels, torch.tensor([0, 0, 1, 1]), sigma2=1.0, num_classes=2)
+    detectors = Detectors(density, {"confidence": 0.9, "non-me": 0.5, "k-density": -1.0}, {}, None)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    features = torch.tensor([[2.0, 0.0, 0.0], [0.5, 0.0, 0.0]])  # log KD = -4 and -0.25
+    target = torch.tensor([1, 1])
+    value = aware_objective(logits, features, target, detectors, kappa=1.0, c=3.0)
+    conf0 = torch.softmax(logits[0], 0).max()  # the two-class non-ME is 0: a shortfall of 0.5 for both
+    expected0 = -2.0 + 3.0 * ((-4.0 + 1.0) + (0.0 - 0.5) + min(0.0, math.log(conf0) - math.log(0.9)))
+    expected1 = 1.0 + 3.0 * (0.0 + (0.0 - 0.5) + 0.0)  # margin 5 capped at kappa 1; KD and confidence above
+    assert value.tolist() == pytest.approx([expected0, expected1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# test_detection.py
+
+
+def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
+    out = tmp_path / "out"
+    assert test_detection.main(["--checkpoints", str(checkpoints["softmax"].parent), str(checkpoints["rce"]),
+                                "--labels", "CE", "RCE", "--data-dir", str(fmnist_dir), "--test-limit", "30",
+                                "--kd-kernels", "50", "--bim-steps", "3", "--jsma-gamma", "0.02", "--cw-steps", "5",
+                                "--cw-hc-steps", "5", "--cw-search-steps", "1", "--aware-steps", "3",
+                                "--aware-targets", "2", "--device", "cpu", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and [m["label"] for m in results["models"]] == ["CE", "RCE"]
+    for model in results["models"]:
+        assert set(model["attacks"]) == {"fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware"}
+        for name, attack in model["attacks"].items():
+            assert set(attack["accuracy_with_rejection"]) == {"confidence", "non-me", "k-density", "all"}
+            assert (out / f"roc_{model['label']}_{name}.png").stat().st_size > 1000
+        assert model["detectors"]["settings"]["kernels_per_class"] == 50
+        assert set(model["clean"]["fpr"]) == {"confidence", "non-me", "k-density", "all"}
+    markdown = (out / "results.md").read_text()
+    for fragment in ("ROC AUC", "accuracy (%) with rejection", "| C&W-hc |", "detector-aware PGD", "Git commit",
+                     "Command: `test_detection.py", "Wall time"):
+        assert fragment in markdown
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 8 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
+    assert json.loads((out / "warnings.json").read_text())["warnings"] == results["warnings"]
+
+
+def test_a_checkpoint_with_an_mmc_head_is_one_clear_error(fmnist_dir, tmp_path):
+    mmc = tmp_path / "mmc"
+    train_standard.main(["--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--train-limit", "50",
+                         "--val-size", "20", "--test-limit", "20", "--epochs", "1", "--loss", "natural", "--head", "mmc",
+                         "--feature-dim", "16", "--device", "cpu", "--model-dir", str(mmc)])
+    result = run_script("test_detection.py", ["--checkpoints", str(mmc / "best.pt"), "--data-dir", str(fmnist_dir),
+                                              "--out-dir", str(tmp_path / "out")])
+    assert_one_line_error(result, "softmax or rce head")
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--fpr", "1.5"], "--fpr"), (["--jsma-gamma", "2"], "(0, 1]"),
+                                             (["--checkpoints", "nowhere.pt"], "does not exist")])
+def test_bad_input_gives_one_line(flags, fragment, tmp_path):
+    args = ["--checkpoints", "nowhere.pt"] if "--checkpoints" not in flags else []
+    result = run_script("test_detection.py", args + flags + ["--out-dir", str(tmp_path / "out")])
+    assert_one_line_error(result, fragment)

@@ -1,0 +1,288 @@
+"""test_detection.py's attacks and per-model evaluation (docs/method.md section 14).
+
+Every attack works on the model's logits h (an RCE model's -Z), so "predicted" is argmax h throughout.
+The RCE authors' attacks (their test_adv.py), on the model's own prediction where they take a label:
+    fgsm     one signed-gradient step of epsilon on CE(h, predicted label), no random start
+    bim      steps x epsilon/steps of the same
+    ilcm     iterative least-likely class: steps x epsilon/steps descending CE(h, argmin h) (a targeted BIM)
+    jsma     advertorch's JacobianSaliencyMapAttack towards a random wrong class (L0, unbounded)
+    cw       advertorch's CarliniWagnerL2Attack towards a random wrong class, confidence 0 (L2, unbounded)
+    cw-hc    the same with confidence 10 (high confidence) and more iterations
+and the detector-aware attack (aware): multi-targeted L-inf PGD at epsilon, towards each of the k wrong classes
+with the highest clean logits, ascending
+    min(margin_t, kappa) + c [min(0, log KD_t(x') - log tau_KD) + min(0, nonME(x') - tau_nonME)
+                              + min(0, log conf(x') - log tau_conf)]
+(Carlini & Wagner 2017's density term, extended to the other two scores), keeping per example the first iterate
+that is misclassified and accepted by all three detectors, else the one accepted by the most of them.
+advertorch's CW and JSMA read the logits as logits (argmax; CW masks the target with -1e4, right while |h| < 1e4);
+torchattacks' CW and margin PGD are not used (they mask with (1 - one_hot), wrong on all-negative logits).
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from defenses.detectors import COMBINED, DETECTORS, Detectors, model_scores, non_maximal_entropy, rank_auc
+from defenses.rce import logits_and_features
+from utils.advertorch_compat import advertorch_attacks
+from utils.attacks import PGDConfig, ascend, frozen_eval, pgd_attack, random_start, targeted_margin
+from utils.evaluation import batch_seed, isolated_rng
+
+JSMA_CHUNK = 16
+AUTHORS_ATTACKS = ("fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc")
+DETECTION_ATTACKS = AUTHORS_ATTACKS + ("aware",)
+ATTACK_LABELS = {"fgsm": "FGSM", "bim": "BIM", "ilcm": "ILCM", "jsma": "JSMA", "cw": "C&W", "cw-hc": "C&W-hc",
+                 "aware": "detector-aware PGD"}
+
+
+@dataclass
+class DetectionAttack:
+    """craft(model, detectors, x, y, generator) -> (x_adv, target per example or None)."""
+    name: str
+    settings: dict
+    craft: Callable
+    bounded: bool  # within the L-inf epsilon (else a minimum-norm attack, unbounded)
+
+
+def random_wrong_class(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device=generator.device).to(y.device)
+    return (y + shift) % num_classes
+
+
+def _predicted(model, x):
+    with torch.no_grad(), frozen_eval(model):
+        return model(x).float()
+
+
+def _sign_attack(config: PGDConfig, least_likely: bool):
+    def craft(model, detectors, x, y, generator):
+        logits = _predicted(model, x)
+        if least_likely:
+            target = logits.argmin(dim=1)
+            return pgd_attack(model, x, y, config, generator, target=target), target
+        return pgd_attack(model, x, logits.argmax(dim=1), config, generator), None
+    return craft
+
+
+def _two_gradient_jsma():
+    """advertorch's JSMA with its forward derivative from two backward passes instead of one per class: the
+    gradients of h_target and of sum_j h_j, whose difference is the sum of the other classes' (exactly what
+    advertorch computes from the full Jacobian)."""
+    base = advertorch_attacks().JacobianSaliencyMapAttack
+
+    class TwoGradientJSMA(base):
+        def _compute_forward_derivative(self, xadv, y):
+            xvar = xadv.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.predict(xvar)
+                target, = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), xvar, retain_graph=True)
+                total, = torch.autograd.grad(logits.sum(), xvar)
+            return target.flatten(1), (total - target).flatten(1)
+    return TwoGradientJSMA
+
+
+def _jsma(num_classes, theta, gamma):
+    def craft(model, detectors, x, y, generator):
+        target = random_wrong_class(y, num_classes, generator)
+        with frozen_eval(model):
+            attack = _two_gradient_jsma()(model, num_classes, clip_min=0.0, clip_max=1.0, theta=theta, gamma=gamma)
+            # advertorch scores every pixel pair: a (B, d, d) matrix, 2.4 GB for 250 28x28 images; in chunks
+            return torch.cat([attack.perturb(xs, ts).detach()
+                              for xs, ts in zip(x.split(JSMA_CHUNK), target.split(JSMA_CHUNK))]), target
+    return craft
+
+
+def _cw(num_classes, confidence, steps, search_steps, lr, initial_const):
+    def craft(model, detectors, x, y, generator):
+        target = random_wrong_class(y, num_classes, generator)
+        with frozen_eval(model):
+            attack = advertorch_attacks().CarliniWagnerL2Attack(
+                model, num_classes, confidence=confidence, targeted=True, learning_rate=lr,
+                binary_search_steps=search_steps, max_iterations=steps, abort_early=True, initial_const=initial_const,
+                clip_min=0.0, clip_max=1.0)
+            return attack.perturb(x, target).detach(), target
+    return craft
+
+
+def aware_objective(logits, features, target, detectors: Detectors, kappa: float, c: float):
+    """(B,) the detector-aware attack's objective (module docstring) at x' towards `target`."""
+    thresholds = detectors.thresholds
+    margin = targeted_margin(logits, target).clamp(max=kappa)
+    log_kd = detectors.density.log_density(features, target).clamp_min(-1e30)
+    log_conf = F.log_softmax(logits, dim=1).amax(dim=1)
+    log_tau_conf = torch.log(torch.tensor(max(thresholds["confidence"], 1e-30)))
+    penalty = ((log_kd - thresholds["k-density"]).clamp(max=0) + (non_maximal_entropy(logits) - thresholds["non-me"])
+               .clamp(max=0) + (log_conf - log_tau_conf).clamp(max=0))
+    return margin + c * penalty
+
+
+def _evasion_level(logits, y, detectors: Detectors, features) -> torch.Tensor:
+    """0 when classified correctly, else 1 + the number of detectors (of 3) that accept it."""
+    accepted = detectors.accepted(detectors.scores(logits, features))
+    count = sum(accepted[name].long() for name in DETECTORS)
+    return torch.where(logits.argmax(dim=1) != y, 1 + count, torch.zeros_like(count))
+
+
+def detector_aware_attack(model, detectors: Detectors, x, y, config: PGDConfig, targets: int, kappa: float, c: float,
+                          generator):
+    """The detector-aware attack (module docstring); returns the adversarials and the target each came from."""
+    x = x.detach()
+    best, best_level = x.clone(), torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    best_target = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    with frozen_eval(model):
+        logits = _predicted(model, x)
+        wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+        ranked = wrong.sort(dim=1, descending=True, stable=True).indices[:, :min(targets, logits.shape[1] - 1)]
+        for rank in range(ranked.shape[1]):
+            target = ranked[:, rank]
+            delta = (x + random_start(x, config, generator).clamp(-config.epsilon, config.epsilon)).clamp(0, 1) - x
+            for step in range(config.num_steps + 1):
+                delta.requires_grad_(True)
+                with torch.enable_grad():
+                    logits, features = logits_and_features(model, x + delta)
+                    logits = logits.float()
+                    objective = aware_objective(logits, features, target, detectors, kappa, c).sum()
+                    grad, = torch.autograd.grad(objective, delta) if step < config.num_steps else (None,)
+                with torch.no_grad():
+                    level = _evasion_level(logits.detach(), y, detectors, features.detach())
+                    better = level > best_level
+                    best[better] = (x + delta.detach())[better]
+                    best_level[better], best_target[better] = level[better], target[better]
+                    if grad is not None:
+                        delta = ascend(x, delta.detach(), grad, "linf", config.step_size, config.epsilon)
+    return best.detach(), best_target
+
+
+def _aware(config: PGDConfig, targets: int, kappa: float, c: float):
+    def craft(model, detectors, x, y, generator):
+        return detector_aware_attack(model, detectors, x, y, config, targets, kappa, c, generator)
+    return craft
+
+
+def build_detection_attacks(names, args, num_classes: int) -> list:
+    """DetectionAttack objects from test_detection.py's resolved settings."""
+    eps = args.epsilon
+    make = {
+        "fgsm": lambda: DetectionAttack("fgsm", {"epsilon": eps, "steps": 1, "step_size": eps, "label": "predicted",
+                                                 "random_start": "none"},
+                                        _sign_attack(PGDConfig("linf", eps, eps, 1, random_start="none"), False), True),
+        "bim": lambda: DetectionAttack("bim", {"epsilon": eps, "steps": args.bim_steps, "step_size": eps / args.bim_steps,
+                                               "label": "predicted", "random_start": "none"},
+                                       _sign_attack(PGDConfig("linf", eps, eps / args.bim_steps, args.bim_steps,
+                                                              random_start="none"), False), True),
+        "ilcm": lambda: DetectionAttack("ilcm", {"epsilon": eps, "steps": args.bim_steps, "step_size": eps / args.bim_steps,
+                                                 "target": "least likely class, argmin h", "random_start": "none",
+                                                 "loss": "-CE(h, target)"},
+                                        _sign_attack(PGDConfig("linf", eps, eps / args.bim_steps, args.bim_steps,
+                                                               loss="targeted-ce", random_start="none"), True), True),
+        "jsma": lambda: DetectionAttack("jsma", {"theta": args.jsma_theta, "gamma": args.jsma_gamma,
+                                                 "target": "random wrong class",
+                                                 "implementation": "advertorch.attacks.JacobianSaliencyMapAttack"},
+                                        _jsma(num_classes, args.jsma_theta, args.jsma_gamma), False),
+        "cw": lambda: DetectionAttack("cw", {"confidence": 0.0, "steps": args.cw_steps,
+                                             "binary_search_steps": args.cw_search_steps, "lr": args.cw_lr,
+                                             "initial_const": args.cw_initial_const, "target": "random wrong class",
+                                             "implementation": "advertorch.attacks.CarliniWagnerL2Attack"},
+                                      _cw(num_classes, 0.0, args.cw_steps, args.cw_search_steps, args.cw_lr,
+                                          args.cw_initial_const), False),
+        "cw-hc": lambda: DetectionAttack("cw-hc", {"confidence": args.cw_hc_confidence, "steps": args.cw_hc_steps,
+                                                   "binary_search_steps": args.cw_search_steps, "lr": args.cw_lr,
+                                                   "initial_const": args.cw_initial_const, "target": "random wrong class",
+                                                   "implementation": "advertorch.attacks.CarliniWagnerL2Attack"},
+                                         _cw(num_classes, args.cw_hc_confidence, args.cw_hc_steps, args.cw_search_steps,
+                                             args.cw_lr, args.cw_initial_const), False),
+        "aware": lambda: DetectionAttack("aware", {"epsilon": eps, "steps": args.aware_steps,
+                                                   "step_size": args.aware_step_size, "targets": args.aware_targets,
+                                                   "kappa": args.aware_kappa, "c": args.aware_c, "random_start": "uniform",
+                                                   "keeps": "per example the first iterate misclassified and accepted by "
+                                                            "all three detectors, else the one accepted by most"},
+                                         _aware(PGDConfig("linf", eps, args.aware_step_size, args.aware_steps),
+                                                args.aware_targets, args.aware_kappa, args.aware_c), True),
+    }
+    return [make[name]() for name in names]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of one model
+
+
+@dataclass
+class Outcome:
+    """Per example (on the CPU): the prediction, the three scores and the acceptances of a set of inputs."""
+    predicted: torch.Tensor
+    scores: dict
+    accepted: dict
+    target: torch.Tensor = None
+    l2: torch.Tensor = None
+    l0: torch.Tensor = None
+    linf: torch.Tensor = None
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+def _outcome(parts: list, seconds: float = 0.0) -> Outcome:
+    cat = lambda key: torch.cat([p[key] for p in parts]) if parts and parts[0].get(key) is not None else None  # noqa
+    return Outcome(cat("predicted"), {n: torch.cat([p["scores"][n] for p in parts]) for n in DETECTORS},
+                   {n: torch.cat([p["accepted"][n] for p in parts]) for n in DETECTORS + (COMBINED,)},
+                   cat("target"), cat("l2"), cat("l0"), cat("linf"), seconds)
+
+
+def _describe(model, detectors, x) -> dict:
+    logits, scores = model_scores(model, detectors, x)
+    return {"predicted": logits.argmax(dim=1).cpu(), "scores": {n: s.cpu() for n, s in scores.items()},
+            "accepted": {n: a.cpu() for n, a in detectors.accepted(scores).items()}}
+
+
+def clean_outcome(model, detectors: Detectors, batches, device) -> Outcome:
+    started = time.perf_counter()
+    parts = [_describe(model, detectors, x.to(device)) for _, (x, _) in batches]
+    return _outcome(parts, time.perf_counter() - started)
+
+
+def attack_outcome(model, detectors: Detectors, attack: DetectionAttack, batches, device, seed: int) -> Outcome:
+    """Each batch attacked with its own seed (batch_seed) and the global RNG isolated."""
+    started = time.perf_counter()
+    generator = torch.Generator(device=device)
+    parts = []
+    with isolated_rng(seed, torch.device(device)):
+        for index, (x, y) in batches:
+            x, y = x.to(device), y.to(device)
+            generator.manual_seed(batch_seed(seed, index))
+            torch.manual_seed(batch_seed(seed, index))
+            x_adv, target = attack.craft(model, detectors, x, y, generator)
+            part = _describe(model, detectors, x_adv)
+            difference = (x_adv - x).flatten(1).float()
+            part.update(target=None if target is None else target.cpu(), l2=difference.norm(dim=1).cpu(),
+                        linf=difference.abs().amax(dim=1).cpu(), l0=(difference.abs() > 1e-6).sum(dim=1).cpu())
+            parts.append(part)
+    return _outcome(parts, time.perf_counter() - started)
+
+
+def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
+    """The authors' protocol (AUC over the pairs of a correctly classified clean image and a misclassified
+    adversarial) and the reviewers' (accuracy with rejection, per detector and for all three)."""
+    clean_correct = clean.predicted == labels
+    adv_correct = adv.predicted == labels
+    pairs = clean_correct & ~adv_correct
+    record = {"pairs": int(pairs.sum()), "success_rate": float((~adv_correct)[clean_correct].float().mean())
+              if clean_correct.any() else float("nan"),
+              "auc": {name: rank_auc(clean.scores[name][pairs], adv.scores[name][pairs]) for name in DETECTORS},
+              "robust_accuracy": float((clean_correct & adv_correct).float().mean()),
+              "accuracy_with_rejection": {}, "adversarial_accepted": {}, "seconds": round(adv.seconds, 3),
+              "median_l2": float(adv.l2[pairs].median()) if pairs.any() else float("nan"),
+              "median_l0": float(adv.l0[pairs].float().median()) if pairs.any() else float("nan"),
+              "max_linf": float(adv.linf.max()) if len(adv.linf) else float("nan")}
+    if adv.target is not None:
+        record["target_reached"] = float((adv.predicted == adv.target)[clean_correct].float().mean()) \
+            if clean_correct.any() else float("nan")
+    for name in DETECTORS + (COMBINED,):
+        correct = clean_correct & clean.accepted[name] & (adv_correct | ~adv.accepted[name])
+        record["accuracy_with_rejection"][name] = float(correct.float().mean())
+        fooled = pairs & adv.accepted[name]
+        record["adversarial_accepted"][name] = float(fooled.sum() / pairs.sum()) if pairs.any() else float("nan")
+    record["per_example"] = {"adv_predicted": adv.predicted.tolist(),
+                             "adv_accepted": {name: "".join("1" if f else "0" for f in adv.accepted[name].tolist())
+                                              for name in DETECTORS + (COMBINED,)}}
+    return record
