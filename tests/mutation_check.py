@@ -198,6 +198,24 @@ MUTATIONS = {
         "utils/attacks.py", "return -label_mi(F.softmax(logits.float(), dim=1), y)",
         "return label_mi(F.softmax(logits.float(), dim=1), y)",
         ["tests/test_label_mi.py::test_the_label_mi_attack_lowers_label_mi_more_than_ce_pgd"]),
+    # issue 13: RCE and its detectors, mixup inference
+    "rce-logits-not-reversed": (
+        "defenses/rce.py", "        return -self.network(x)", "        return self.network(x)",
+        ["tests/test_rce.py::test_the_model_exposes_minus_z_and_predicts_argmin_z"]),
+    "detector-aware-attack-ignores-the-detectors": (
+        "utils/detection.py", "    return margin + c * penalty", "    return margin",
+        ["tests/test_detectors.py::test_aware_objective_is_the_capped_margin_plus_the_detectors_shortfalls"]),
+    "mixup-inference-ol-may-draw-the-prediction": (
+        "defenses/mixup_inference.py", "        shift = torch.randint(1, num_classes,", "        shift = torch.randint(0, num_classes,",
+        ["tests/test_mixup_inference.py::test_ol_never_draws_the_predicted_class_and_draws_every_other"]),
+    "mixup-inference-pool-from-the-test-set": (
+        "defenses/mixup_inference.py", '    subset = splits.val if source == "val" else splits.train',
+        '    subset = splits.test',
+        ["tests/test_mixup_inference.py::test_pool_is_the_validation_split_never_the_test_set"]),
+    "iat-attacks-the-true-labels": (
+        "defenses/mixup_inference.py", "        x_adv = pgd_attack(plain, x, predicted, config, generator)",
+        "        x_adv = pgd_attack(plain, x, y, config, generator)",
+        ["tests/test_mixup_inference.py::test_iat_attacks_the_predicted_labels_not_the_true_ones"]),
 }
 
 

@@ -1,31 +1,20 @@
 """The detectors (defenses/detectors.py), the detection attacks (utils/detection.py) and test_detection.py: scores
 against hand computations, AUC and thresholds, detectors.pt, targeted attacks on reversed logits, the
 detector-aware attack against the oblivious one, and the script end to end on tiny CE and RCE checkpoints."""
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
 
+import test_detection
 import train_standard
 from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, confidence, detectors_path, fpr_threshold,
                                 load_or_fit_detectors, non_maximal_entropy, rank_auc, settings_for)
-from tests.conftest import REPO
 from tests.helpers import assert_one_line_error, run_script
 from utils.detection import attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome
 from utils.training import load_model
 
-
-def _load_script():
-    """The script test_detection.py (this test module has its name, so `import test_detection` is this module)."""
-    spec = importlib.util.spec_from_file_location("test_detection_script", REPO / "test_detection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_detection = _load_script()
 
 # ----------------------------------------------------------------------------------------------
 # Scores, AUC and thresholds
