@@ -207,15 +207,15 @@ MUTATIONS = {
         ["tests/test_detectors.py::test_aware_objective_is_the_capped_margin_plus_the_detectors_shortfalls"]),
     "mixup-inference-ol-may-draw-the-prediction": (
         "defenses/mixup_inference.py", "        shift = torch.randint(1, num_classes,", "        shift = torch.randint(0, num_classes,",
-        ["tests/test_mixup_inference.py::test_ol_never_draws_the_predicted_class_and_draws_every_other"]),
+        ["tests/test_mixup.py::test_ol_never_draws_the_predicted_class_and_draws_every_other"]),
     "mixup-inference-pool-from-the-test-set": (
         "defenses/mixup_inference.py", '    subset = splits.val if source == "val" else splits.train',
         '    subset = splits.test',
-        ["tests/test_mixup_inference.py::test_pool_is_the_validation_split_never_the_test_set"]),
+        ["tests/test_mixup.py::test_pool_is_the_validation_split_never_the_test_set"]),
     "iat-attacks-the-true-labels": (
         "defenses/mixup_inference.py", "        x_adv = pgd_attack(plain, x, predicted, config, generator)",
         "        x_adv = pgd_attack(plain, x, y, config, generator)",
-        ["tests/test_mixup_inference.py::test_iat_attacks_the_predicted_labels_not_the_true_ones"]),
+        ["tests/test_mixup.py::test_iat_attacks_the_predicted_labels_not_the_true_ones"]),
 }
 
 

@@ -29,12 +29,15 @@ from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_json, file_sha256
 from utils.errors import UserError
+from utils.evaluators import DEFAULT_EVAL_SCRIPT, evaluator
 from utils.presets import ALL_DEFENSES, PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "reproduce_stage.json"
+# Stage scripts; "eval" is the default evaluation script, a preset may choose another (eval_script:
+# utils/evaluators.py), whose flags its eval section then holds.
 SCRIPTS = {"standard": "train_standard.py", "estimators": "train_MI_estimator.py",
-           "only-max": "train_MI_estimator_only_max.py", "namid": "train_MIAT.py", "eval": "test_comparison.py"}
+           "only-max": "train_MI_estimator_only_max.py", "namid": "train_MIAT.py", "eval": DEFAULT_EVAL_SCRIPT}
 # Sections a --set may name, with the stage script whose flags they take.
 SECTIONS = {"standard": "standard", "estimators": "estimators", "only-max": "only-max", "namid": "namid",
             "eval": "eval", "surrogate": "standard"}
@@ -90,6 +93,9 @@ DEFENSES = {
     # that head (train_MIAT.py refuses a head other than its estimators' target's)
     "namid-mmc": _namid("NAMID (MMC-10)", ("--base-loss", "at", "--head", "mmc"), target="at-mmc"),
     "namid-adp": _namid("NAMID (ADP_{2,0.5})", ("--base-loss", "at", *_ADP_2_05), target="at-adp"),
+    # the talk's mixup inference presupposes mixup-trained models: mixup, and interpolated adversarial training
+    "mixup": Defense("Mixup", "standard", ("--loss", "mixup")),
+    "iat": Defense("IAT", "standard", ("--loss", "iat")),
 }
 assert tuple(DEFENSES) == ALL_DEFENSES
 assert len({spec.label for spec in DEFENSES.values()}) == len(DEFENSES)  # labels name the rows and curve series
@@ -121,6 +127,22 @@ def eval_variants(config: dict) -> list:
     return [(name, {**config["eval"], **flags}) for name, flags in variants.items()]
 
 
+def defense_eval_flags(config: dict, defense: str, flags: dict) -> dict:
+    """An evaluation's flags for one defense: the variant's (eval_variants), then the preset's eval_per_defense
+    entry for that defense, if any (e.g. mixup inference's lambda 0.6 for IAT)."""
+    return {**flags, **(config.get("eval_per_defense") or {}).get(defense, {})}
+
+
+def eval_script(config: dict) -> str:
+    """The study's evaluation script (the preset's eval_script, default test_comparison.py)."""
+    return config.get("eval_script") or DEFAULT_EVAL_SCRIPT
+
+
+def section_script(config: dict, name: str) -> str:
+    """The script whose flags a section (a key of SECTIONS) takes."""
+    return eval_script(config) if SECTIONS[name] == "eval" else SCRIPTS[SECTIONS[name]]
+
+
 def variant_column(variant, key: str) -> str:
     """A results column's key in the study's table: the evaluation's own, prefixed by its variant if any."""
     return key if variant is None else f"{variant}:{key}"
@@ -130,16 +152,16 @@ def variant_column(variant, key: str) -> str:
 # Configuration: preset, overrides, and the flags every stage script knows
 
 
-def stage_parsers() -> dict:
-    """Per stage (the keys of SCRIPTS), the argument parser of its script."""
-    import test_comparison
+def stage_parsers(script: str = None) -> dict:
+    """Per stage (the keys of SCRIPTS), the argument parser of its script; "eval": the evaluation script's
+    (default test_comparison.py)."""
     import train_MI_estimator
     import train_MI_estimator_only_max
     import train_MIAT
     import train_standard
 
     modules = {"standard": train_standard, "estimators": train_MI_estimator, "only-max": train_MI_estimator_only_max,
-               "namid": train_MIAT, "eval": test_comparison}
+               "namid": train_MIAT, "eval": evaluator(script).module}
     return {stage: module.build_parser() for stage, module in modules.items()}
 
 
@@ -184,7 +206,7 @@ def apply_override(config: dict, item: str, flags: dict):
                             f"{', '.join([*SECTIONS, *SECTION_GROUPS])})")
         missing = [name for name in targets if flag not in flags[SECTIONS[name]]]
         if missing:
-            raise UserError(f"--set {item!r}: {SCRIPTS[SECTIONS[missing[0]]]} has no --{flag}")
+            raise UserError(f"--set {item!r}: {section_script(config, missing[0])} has no --{flag}")
     else:
         targets = [name for name in SECTIONS if flag in flags[SECTIONS[name]]]
         if not targets:
@@ -204,9 +226,10 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     final (the preset's common flags copied into each stage script that has them)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
-    parsers = stage_parsers()
-    flags = stage_flags(parsers)
     config = copy.deepcopy(PRESETS[preset])
+    parsers = stage_parsers(config.get("eval_script"))
+    flags = stage_flags(parsers)
+    eval_flags = set(flags["eval"])
     common = config.pop("common", {})
     for name, script in SECTIONS.items():
         if config.get(name) is None:
@@ -218,7 +241,8 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
     for key, value in runner.items():
         if value is not None:
             config[key] = value
-    if config.get("curve_steps") is None:  # the table's PGD, so that the curve and the table agree at equal budgets
+    if config.get("curve_steps") is None and evaluator(eval_script(config)).curve:
+        # the table's PGD, so that the curve and the table agree at equal budgets
         config["curve_steps"] = int(config["eval"].get("pgd-steps", parsers["eval"].get_default("pgd_steps")))
     config["defenses"], config["seeds"] = list(dict.fromkeys(config["defenses"])), list(dict.fromkeys(config["seeds"]))
     unknown = [name for name in config["defenses"] if name not in DEFENSES]
@@ -236,9 +260,22 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
         owned = sorted(set(flags) & RUNNER_OWNED)
         if owned:
             raise UserError(f"eval_variants {name!r}: the runner sets --{owned[0]} itself")
+    for defense, own in (config.get("eval_per_defense") or {}).items():
+        if defense not in DEFENSES:
+            raise UserError(f"eval_per_defense: unknown defense {defense!r} (defenses: {', '.join(DEFENSES)})")
+        unknown = sorted(set(own) - eval_flags)
+        if unknown:
+            raise UserError(f"eval_per_defense {defense!r}: {eval_script(config)} has no --{unknown[0]}")
+        owned = sorted(set(own) & RUNNER_OWNED)
+        if owned:
+            raise UserError(f"eval_per_defense {defense!r}: the runner sets --{owned[0]} itself")
+    if config.get("epsilons") and not evaluator(eval_script(config)).curve:
+        raise UserError(f"--epsilons: the robust-accuracy-against-epsilon curve runs test_comparison.py, and this "
+                        f"study evaluates with {eval_script(config)}: give --epsilons alone (no curve)")
     if "transfer" in attack_list(config) and config.get("surrogate") is None:
         raise UserError("the transfer attack needs a surrogate: add --set surrogate.arch=vgg19 "
                         "(or drop transfer from eval.attacks)")
+    config["eval_script"] = eval_script(config)
     config["preset"] = preset
     config["overrides"] = list(overrides or ())
     return config
@@ -247,7 +284,10 @@ def resolve_config(preset: str, overrides, runner: dict) -> dict:
 def attack_list(config) -> list:
     """Every attack of the study's evaluations (of every variant)."""
     names = []
-    for _, flags in eval_variants(config):
+    flag_sets = [flags for _, flags in eval_variants(config)]
+    flag_sets += [defense_eval_flags(config, defense, flags) for defense in (config.get("eval_per_defense") or {})
+                  for flags in list(flag_sets)]
+    for flags in flag_sets:
         attacks = flags.get("attacks", [])
         names += attacks.split() if isinstance(attacks, str) else list(attacks)
     return list(dict.fromkeys(names))
@@ -306,9 +346,11 @@ class Task:
 
 
 def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard: bool = False) -> list:
-    flags = stage_flags()
+    flags = stage_flags(stage_parsers(eval_script(config)))
     tasks = []
     runtime = ["--device", device, "--data-dir", data_dir] + (["--tensorboard"] if tensorboard else [])
+    # an evaluation script without --tensorboard (test_mixup_inference.py) runs without it
+    eval_runtime = runtime if "tensorboard" in flags["eval"] else ["--device", device, "--data-dir", data_dir]
 
     def section(name, drop=(), values=None):
         if values is None:  # the surrogate: stage 1's flags, then its own
@@ -370,10 +412,10 @@ def build_plan(config: dict, out: Path, device: str, data_dir: str, tensorboard:
             for variant, eval_flags in variants:
                 name = f"eval-{defense}" + ("" if variant is None else f"-{variant}")
                 run_dir = folder / name
-                add(Task(f"seed{seed}/{name}", "eval", SCRIPTS["eval"],
-                         section("eval", values=eval_flags) + ["--checkpoints", str(checkpoint), "--labels",
-                                                               DEFENSES[defense].label] + extra
-                         + seed_flags + ["--out-dir", str(run_dir)] + runtime,
+                add(Task(f"seed{seed}/{name}", "eval", eval_script(config),
+                         section("eval", values=defense_eval_flags(config, defense, eval_flags))
+                         + ["--checkpoints", str(checkpoint), "--labels", DEFENSES[defense].label] + extra
+                         + seed_flags + ["--out-dir", str(run_dir)] + eval_runtime,
                          run_dir, seed, deps=list(deps), inputs=list(inputs), defense=defense, variant=variant))
         checkpoints = [folder / defense / "best.pt" for defense in defenses]
         for epsilon in config.get("epsilons") or ():
@@ -397,6 +439,8 @@ def check_command_lines(tasks: list):
     parsers = stage_parsers()
     by_script = {script: parsers[stage] for stage, script in SCRIPTS.items()}
     for task in tasks:
+        if task.script not in by_script:  # another evaluation script (utils/evaluators.py)
+            by_script[task.script] = evaluator(task.script).module.build_parser()
         parser = by_script[task.script]
 
         def refuse(message, task=task):

@@ -6,7 +6,8 @@ A preset names, per section, the flags given to the stage scripts (without the l
     estimators train_MI_estimator.py (the NAMID estimators)
     only-max   train_MI_estimator_only_max.py (the WMIM estimators)
     namid      train_MIAT.py (NAMID, NAMID-T, NAMID-M, WMIM)
-    eval       test_comparison.py (the comparison table and the robust-accuracy-against-epsilon curve)
+    eval       the evaluation script's (test_comparison.py unless eval_script says otherwise: the comparison
+               table and the robust-accuracy-against-epsilon curve)
     common     every stage script that has the flag
 and the runner's own settings (seeds, defenses, the curve's epsilons, parallel jobs, and namid_estimators: the
 stage-2 run NAMID, NAMID-T and NAMID-M read, "estimators" or "only-max"). A flag a preset
@@ -18,6 +19,12 @@ Optional keys:
                    gets one column per (variant, attack), "<variant>: <attack>". Without it: one evaluation.
     reference      the published table results.md shows for orientation (utils/study.py REFERENCE_TABLES;
                    default: NAMID's Table 1)
+    eval_script    the evaluation script of stage 4 (utils/evaluators.py EVALUATORS; default test_comparison.py):
+                   the eval section then holds its flags, --set eval.FLAG and the plan are checked against its
+                   parser, and the study's table reads its results.json (test_mixup_inference.py adds a row per
+                   mixup inference mode under each defense). The curve (epsilons) needs test_comparison.py.
+    eval_per_defense  {defense: {eval flag: value}}: flags for that defense's evaluations only, after the eval
+                   section's and the variant's (e.g. mixup inference's lambda 0.6 for IAT)
 """
 
 # The NAMID paper's defenses (the rows of its Table 1), the default rows of the paper-like presets.
@@ -25,7 +32,10 @@ NAMID_DEFENSES = ("standard-at", "namid", "trades", "namid-t", "mart", "namid-m"
 # The defenses of Tianyu Pang's talk (MM-LDA, MMC, ADP), alone, with adversarial training and with NAMID.
 TALK_DEFENSES = ("sce", "mm-lda", "mmc", "at-mm-lda", "at-mmc", "ensemble", "adp-2-0", "adp", "at-adp",
                  "namid-mmc", "namid-adp")
-ALL_DEFENSES = NAMID_DEFENSES + TALK_DEFENSES
+# Mixup training and interpolated adversarial training, the models mixup inference is meant for (the talk's
+# ICLR 2020 paper; test_mixup_inference.py).
+MIXUP_DEFENSES = ("mixup", "iat")
+ALL_DEFENSES = NAMID_DEFENSES + TALK_DEFENSES + MIXUP_DEFENSES
 ALL_ATTACKS = "pgd aa fwa tidim pgd-l2 cw ddn transfer"
 
 # alpha on MNIST-like data: at the paper's alpha 5 NAMID does not train a SmallCNN on Fashion-MNIST at
@@ -74,6 +84,19 @@ def ten_step_attacks(epsilon: str) -> dict:
     step = str(float(Fraction(epsilon) / 10))
     return {"epsilon": epsilon, "pgd-steps": 10, "pgd-step-size": step, BIM_STEPS: 10, BIM_STEP_SIZE: step,
             MIM_STEPS: 10, MIM_STEP_SIZE: step}
+
+
+# test_mixup_inference.py on the CPU (mixup-fashion-mnist-cpu), sized on one loaded core (OMP_NUM_THREADS=1, load
+# ~3.5 on 2 cores): on 50 test images, 1 repeat, an IAT SmallCNN (36 % clean), modes OL (30 partners) and PL
+# (10): EOT-PGD-10 x1 took 36 s (OL) and 9 s (PL), AutoAttack 'rand' 10 it. x EOT 1 24 s and 7 s, clean and
+# oblivious ~2 s each, the base model's row ~5 s. AutoAttack attacks only the points still correct, so for a
+# model at ~85 % clean accuracy its time is scaled by ~2.8: ~136 s per 50 images and repeat, hence 100 test
+# images x 5 repeats ~ 2 x (5 x 136 + 10) s ~ 23 min per evaluation (500 images would take ~2 h). The authors'
+# oblivious PGD-10 is crafted once on the base model; EOT-PGD and AutoAttack get 1 partner draw per step, each
+# forward of the wrapper itself averaging 30 (OL) or 10 (PL) partners; the worst-case column covers the
+# attacks' weaknesses as far as any of them succeeds.
+MIXUP_TEST_LIMIT = 100
+MIXUP_CPU_ATTACKS = {"pgd-steps": 10, "eot-steps": 10, "eot-samples": 1, "aa-iterations": 10, "aa-eot-iter": 1}
 
 
 def _paper_like(dataset, epsilons, description, **sections):
@@ -207,4 +230,25 @@ PRESETS = {
         # the two budgets of the ADP paper's MNIST table for BIM, PGD and MIM (its FGSM rows are 0.1 and 0.2),
         # each with the authors' 10 steps of eps / 10
         eval_variants={"eps0.1": ten_step_attacks("0.1"), "eps0.15": ten_step_attacks("0.15")}),
+    "mixup-fashion-mnist-cpu": _paper_like(
+        "fashion-mnist", [],
+        "Mixup inference (the talk's ICLR 2020 paper) on a 2-core CPU: Standard AT, Mixup and IAT (SmallCNN, 10 000 "
+        "Fashion-MNIST training images, 10 epochs, seeds 0-2), each evaluated by test_mixup_inference.py as itself "
+        "and wrapped in mixup inference OL and PL (lambda 0.5; OL 0.6 on IAT, the authors'), under the oblivious "
+        "PGD-10, EOT-PGD-10 and AutoAttack 'rand' (10 iterations) and their worst case, 5 repeats, on 100 test images.",
+        # Standard AT is the baseline the authors compare with; NAMID (--defenses namid) would add the stage-2 and -3
+        # runs of fashion-mnist-cpu (MNIST_LIKE_STAGE2, alpha 0.5), not a row by default
+        defenses=["standard-at", "mixup", "iat"], jobs=2, surrogate=None,
+        reference="mixup-inference-iclr2020",
+        # training as fashion-mnist-cpu (its Standard AT runs have these very flags, 1 000 test images monitored
+        # per epoch); the evaluations on MIXUP_TEST_LIMIT test images
+        common={"dataset": "fashion-mnist", "train-limit": 10000, "test-limit": 1000},
+        standard={"epochs": 10, **MNIST_LIKE_TRAINING}, namid={**MNIST_LIKE_NAMID, "epochs": 10},
+        eval_script="test_mixup_inference.py",
+        eval={"test-limit": MIXUP_TEST_LIMIT, "attacks": "oblivious eot-pgd aa-rand", "modes": "ol pl", "repeats": 5,
+              **MIXUP_CPU_ATTACKS},
+        # the authors' lambda for MI-OL on IAT-trained models; --mixup-lambda also sets PL's, so IAT's PL row mixes
+        # at 0.6 too (the authors report PL with mixup-trained models only)
+        eval_per_defense={"iat": {"mixup-lambda": 0.6}},
+        **MNIST_LIKE_STAGE2),
 }

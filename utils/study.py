@@ -13,8 +13,8 @@ import numpy
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import number
 from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_informativeness, verdict_line
-from utils.evaluation import row_accuracies
-from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, variant_column
+from utils.evaluators import evaluator
+from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, eval_script, variant_column
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
 from utils.run_warnings import read_warnings
 
@@ -61,6 +61,13 @@ REFERENCE_TABLES = {
                 "treated as logits (the authors' attacks), the protocol of this study's -p columns; the columns "
                 "without -p attack the log of those probabilities. Their FGSM's second budget is eps 0.2 (not "
                 "evaluated here); BIM, PGD and MIM are 10 steps of eps/10."},
+    # the talk's mixup inference paper: its numbers are not at hand offline, so no table, only where to look
+    "mixup-inference-iclr2020": {
+        "title": "The mixup inference paper (Pang, Xu and Zhu, ICLR 2020)",
+        "first": "Defense", "columns": [], "rows": [],
+        "note": "Its tables (CIFAR-10 and CIFAR-100) are not reproduced here: their numbers were not available "
+                "offline, and none are copied from memory. See the paper, and "
+                "Tramer et al. 2020 (NeurIPS) for the adaptive attacks that broke it."},
 }
 DEFAULT_REFERENCE = "namid-table1"
 FIGURES = {"training_curves.png": "clean and PGD accuracy per epoch of every defense (mean over seeds, band: +- 1 std)",
@@ -86,11 +93,20 @@ def format_cell(stats) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
 
+def row_key(defense: str, predictor) -> str:
+    """A table row's key: the defense's own row is the defense; a predictor around it (e.g. mixup inference) is
+    <defense>/<predictor>."""
+    return defense if predictor is None else f"{defense}/{predictor}"
+
+
 def comparison(config: dict, tasks: list) -> dict:
-    """Per defense and column, the statistics over seeds of the evaluation's accuracies."""
+    """Per table row and column, the statistics over seeds of the evaluations' accuracies. Rows: each defense's
+    own, then the rows its evaluation script adds around it (utils/evaluators.py: e.g. "Mixup + mixup inference
+    (OL)"), whose per-seed value may itself be a mean over repeated randomized evaluations."""
     variants = list(config.get("eval_variants") or {}) or [None]
     evals = [task for variant in variants for task in tasks if task.kind == "eval" and task.variant == variant]
-    columns, per_defense, test_images = [], {}, set()
+    columns, per_row, test_images = [], {}, set()
+    predictors = {defense: [] for defense in config["defenses"]}  # (key, label) of the added rows, in order
     for task in evals:  # variant by variant: the columns of the first variant, then the next's
         results = _read_json(task.run_dir / "results.json")
         for column in results["columns"]:
@@ -98,16 +114,23 @@ def comparison(config: dict, tasks: list) -> dict:
                      column["header"] if task.variant is None else f"{task.variant}: {column['header']}")
             if entry not in columns:
                 columns.append(entry)
-        accuracies = {variant_column(task.variant, key): value
-                      for key, value in row_accuracies(results["models"][0]).items()}
-        per_defense.setdefault(task.defense, {}).setdefault(task.seed, {}).update(accuracies)
+        for predictor, label, values in evaluator(task.script).rows(results):
+            if predictor is not None and (predictor, label) not in predictors.setdefault(task.defense, []):
+                predictors[task.defense].append((predictor, label))
+            accuracies = {variant_column(task.variant, key): value for key, value in values.items()}
+            per_row.setdefault(row_key(task.defense, predictor), {}).setdefault(task.seed, {}).update(accuracies)
         test_images.add(results["test_images"])
-    cells = {}
+    rows, cells = [], {}
     for defense in config["defenses"]:
-        seeds = per_defense.get(defense, {})
-        cells[defense] = {key: cell_stats([seeds[s][key] for s in sorted(seeds) if key in seeds[s]])
-                          for key, _ in columns if any(key in row for row in seeds.values())}
-    return {"columns": columns, "cells": cells, "test_images": sorted(test_images)}
+        own = DEFENSES[defense].label
+        for predictor, label in [(None, None)] + predictors.get(defense, []):
+            key = row_key(defense, predictor)
+            rows.append({"key": key, "defense": defense, "predictor": predictor,
+                         "label": own if predictor is None else f"{own} + {label}"})
+            seeds = per_row.get(key, {})
+            cells[key] = {column: cell_stats([seeds[s][column] for s in sorted(seeds) if column in seeds[s]])
+                          for column, _ in columns if any(column in row for row in seeds.values())}
+    return {"columns": columns, "rows": rows, "cells": cells, "test_images": sorted(test_images)}
 
 
 def stage_warnings(tasks: list) -> list:
@@ -119,9 +142,9 @@ def comparison_markdown(config: dict, table: dict) -> str:
     columns = table["columns"]
     lines = ["| Defense | " + " | ".join(header for _, header in columns) + " |",
              "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
-    for defense in config["defenses"]:
-        cells = table["cells"][defense]
-        lines.append(f"| {DEFENSES[defense].label} | " + " | ".join(format_cell(cells.get(key)) for key, _ in columns) + " |")
+    for row in table["rows"]:
+        cells = table["cells"][row["key"]]
+        lines.append(f"| {row['label']} | " + " | ".join(format_cell(cells.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,11 +152,11 @@ def comparison_csv(config: dict, table: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["defense", "label", "column", "header", "mean", "std", "seeds", "per_seed"])
-    for defense in config["defenses"]:
+    for row in table["rows"]:
         for key, header in table["columns"]:
-            stats = table["cells"][defense].get(key)
+            stats = table["cells"][row["key"]].get(key)
             if stats:
-                writer.writerow([defense, DEFENSES[defense].label, key, header, f"{stats['mean']:.6f}",
+                writer.writerow([row["defense"], row["label"], key, header, f"{stats['mean']:.6f}",
                                  "" if stats["std"] is None else f"{stats['std']:.6f}", stats["n"],
                                  " ".join(f"{v:.6f}" for v in stats["values"])])
     return buffer.getvalue()
@@ -226,6 +249,8 @@ def reference_table(config: dict) -> dict:
 def paper_markdown(reference: dict = None) -> str:
     """A reference table (default: NAMID's Table 1) in markdown, its note below it."""
     reference = reference or REFERENCE_TABLES[DEFAULT_REFERENCE]
+    if not reference["rows"]:  # no published numbers at hand: only the note
+        return reference["note"] + "\n"
     columns = reference["columns"]
     lines = [f"| {reference['first']} | " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
     lines += [f"| {name} | " + " | ".join("-" if value is None else value for value in values) + " |"
@@ -268,8 +293,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              f"(class-balanced subset when eval.test-limit is set). "
              + ("A cell is the mean ± the sample standard deviation over seeds of the per-seed accuracy"
                 if len(config["seeds"]) > 1 else "A cell is that one run's accuracy, with no spread to show")
-             + "; the worst-case columns count an example only if it "
-             "is correct when clean and survives every attack of its threat model (test_comparison.py).",
+             + f"; {evaluator(eval_script(config)).note}.",
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
@@ -285,7 +309,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
     atomic_write_text(out / "results.csv", comparison_csv(config, table))
     atomic_write_json(out / "results.json", {
         "preset": config["preset"], "config": config, "columns": [{"key": k, "header": h} for k, h in table["columns"]],
-        "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
+        "rows": table["rows"], "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds, "invocation": invocation})
     return {"caption": caption, "table": markdown_table, "warnings": warnings}
