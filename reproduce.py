@@ -4,7 +4,7 @@
 For each seed, in dependency order (independent stages run side by side with --jobs):
     train_standard.py               Standard AT, TRADES, MART (and the transfer surrogate); the seed talk's
                                     SCE, MM-LDA, MMC-10, AT-MM-LDA, AT-MMC-10, the baseline ensemble,
-                                    ADP_{2,0}, ADP_{2,0.5} and AT + ADP_{2,0.5}
+                                    ADP_{2,0}, ADP_{2,0.5} and AT + ADP_{2,0.5}; Mixup, IAT; RCE, AT-RCE
     train_MI_estimator.py           the NAMID estimators, on the Standard AT target (for NAMID on MMC or ADP:
                                     on AT-MMC-10 or AT + ADP_{2,0.5}, trained even when not a row)
     train_MI_estimator_only_max.py  the WMIM estimators, on the same targets
@@ -12,7 +12,8 @@ For each seed, in dependency order (independent stages run side by side with --j
     test_comparison.py              every defense under the preset's attacks (once per evaluation variant
                                     of the preset, e.g. per budget), and PGD at several budgets; or the
                                     preset's own evaluation script (eval_script): test_mixup_inference.py
-                                    evaluates each defense as itself and wrapped in mixup inference
+                                    evaluates each defense as itself and wrapped in mixup inference,
+                                    test_detection.py its detectors (confidence, non-ME, K-density)
 then results.md / .csv / .json (the paper's Table 1 layout, mean +- std over seeds, and the preset's published
 table for orientation) and the figures. Re-running the same command skips finished stages and resumes an
 interrupted one.
@@ -20,14 +21,17 @@ interrupted one.
 Defenses (--defenses): standard-at, namid, trades, namid-t, mart, namid-m, wmim (the NAMID paper's); sce, mm-lda,
 mmc, at-mm-lda, at-mmc, ensemble, adp-2-0, adp, at-adp, namid-mmc, namid-adp (the seed talk's: softmax
 cross-entropy, the Max-Mahalanobis heads, ADP ensembles, each alone, with adversarial training, and with NAMID);
-mixup, iat (mixup training and interpolated adversarial training, for mixup inference).
+mixup, iat (mixup training and interpolated adversarial training, for mixup inference); rce, at-rce (reverse
+cross-entropy training, naturally and with adversarial training, for the RCE paper's detectors).
 
 Presets (--preset): cifar10-paper, cifar10-reference, tiny-imagenet-paper, mnist, fashion-mnist,
 fashion-mnist-cpu, demo (NAMID's study at various scales); seed-talk-fashion-mnist-cpu (the talk's MMC
 comparison with ADP and NAMID on an MMC head, CPU-sized) and adp-mnist-cpu (the ADP paper's MNIST Table 2 at
 CPU scale, under the authors' attack protocol and ours, at eps 0.1 and 0.15); mixup-fashion-mnist-cpu (Standard
 AT, Mixup and IAT, each alone and wrapped in mixup inference OL / PL, evaluated by test_mixup_inference.py:
-a table row per defense and predictor). reproduce.py --help describes each.
+a table row per defense and predictor); rce-fashion-mnist-cpu and rce-mnist-cpu (CE and RCE evaluated by
+test_detection.py: the RCE paper's AUC of confidence, non-ME and K-density, and accuracy with rejection).
+reproduce.py --help describes each.
 
 Examples:
     python reproduce.py --preset demo                        # about 10 minutes on 2 CPU cores

@@ -16,6 +16,10 @@ Under torchrun (torchrun --standalone --nproc_per_node K test_comparison.py ...)
 out over the K processes and their per-example results gathered; rank 0 writes the same files as a single
 process would, example for example (every batch is seeded by its index, not by the process that runs it).
 
+An interrupted evaluation is continued with the same command plus --resume: every finished batch of every white-box
+attack is kept in <out-dir>/progress (utils/eval_journal.py) and taken from there, so that the results equal an
+uninterrupted run's, example for example (reproduce.py adds --resume when it re-runs an interrupted evaluation).
+
 Example (Fashion-MNIST, two stage-1 runs, 1000 test images):
     python test_comparison.py --checkpoints checkpoints/standard_fashion-mnist_small-cnn_at_linf_seed0/best.pt \\
         checkpoints/standard_fashion-mnist_small-cnn_trades_linf_seed0/best.pt --test-limit 1000
@@ -38,6 +42,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
+from utils.eval_journal import checkpoint_identity, fingerprint, open_journals, remove_journal
 from utils.evaluation import (ADAPTIVE_ATTACKS, ATTACK_NAMES, LABEL_MI_ATTACKS, PROBABILITY_ATTACKS,
                               WHITE_BOX_ATTACKS, WORST_CASE_GROUPS, attack_seed, build_attacks,
                               clean_predictions, format_bits, fwa_default_radius, markdown_table, run_attack,
@@ -167,6 +172,16 @@ def build_parser():
                             "eval_speed_cpu.json); off otherwise")
     group.add_argument("--tensorboard", action="store_true",
                        help="also write the table to <out-dir>/tensorboard (a run per model, a scalar per column)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted evaluation of the same --out-dir: every white-box attack takes "
+                            "the batches that <out-dir>/progress (a per-batch journal, written by every run) holds "
+                            "instead of attacking them again, when the journal was made with the same checkpoint "
+                            "(SHA-256), label, attack settings and seed, test images, batch size, amp, channels_last, "
+                            "device type and package versions (any number of processes); a journal made otherwise "
+                            "is ignored with a warning and removed. The results equal an uninterrupted run's, "
+                            "example for example. Clean predictions are recomputed, and the transfer attack is not "
+                            "journalled (redone whole). The journal is deleted once the evaluation completes; "
+                            "without --resume an earlier journal is deleted at the start")
     return parser
 
 
@@ -295,6 +310,9 @@ def attack_record(attack, result) -> dict:
         record["unthresholded_accuracy"] = result.unthresholded_robust.float().mean().item()
     if result.side_effects:
         record["side_effects"] = result.side_effects
+    if result.journalled_batches:  # continued (--resume): seconds counts the journalled batches' seconds too
+        record["resumed"] = {"journalled_batches": result.journalled_batches,
+                             "seconds_this_run": round(result.seconds_this_run, 3)}
     return record
 
 
@@ -448,16 +466,20 @@ def report(line: str):
         tqdm.write(line)
 
 
-def evaluate_white_box(label, model, attacks, loader, device, args, after_each_attack):
-    """Clean predictions and every white-box attack on one model; after_each_attack(clean, results)."""
+def evaluate_white_box(label, model, attacks, loader, device, args, after_each_attack, journals=None):
+    """Clean predictions and every white-box attack on one model; after_each_attack(clean, results). journals:
+    {attack name: AttackJournal} of this model (utils/eval_journal.py), or None."""
     clean = clean_predictions(model, loader, device, args.amp, desc=f"{label}: clean")
     report(f"{label}: clean {clean.accuracy:.2%}, label MI {clean.label_mi_bits:.3f} bits")
     results = {}
     for name, attack in attacks.items():
         if not attack.white_box:
             continue
+        journal = journals.get(name) if journals else None
+        if journal is not None and journal.done:
+            report(f"{label}: {attack.column}: {len(journal.done)} batches from the journal (--resume)")
         results[name] = run_attack(model, attack, loader, device, args.amp, attack_seed(args.seed, name),
-                                   desc=f"{label}: {attack.column}")
+                                   desc=f"{label}: {attack.column}", journal=journal)
         report(f"{label}: {attack.column} {results[name].accuracy:.2%}, label MI {results[name].label_mi_bits:.3f} "
                f"bits ({results[name].seconds:.1f} s)")
         after_each_attack(clean, results)
@@ -503,12 +525,32 @@ def main(argv=None):
                                 rank=distributed.rank(), world_size=distributed.world_size())
         summary = run_summary(args, argv, info, splits, attacks, columns, surrogate_label, device)
         run = Evaluation(out_dir, summary, columns, attacks, labels)
+        run.journals = open_journals(out_dir, journal_fingerprints(args, info, splits, attacks, labels, loaded, device),
+                                     args.resume, run.warnings.warn)
+        summary["journalled_batches"] = {}  # "<model index>/<attack>": batches taken from the journal (--resume)
         run.evaluate(loaded, surrogate, loader, device, args)
-        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)  # this run's, journalled batches aside
         run.finish(args.tensorboard)
+        remove_journal(out_dir)  # the evaluation is complete: nothing left to resume
     finally:
         distributed.cleanup()
     return 0
+
+
+def journal_fingerprints(args, info, splits, attacks, labels, loaded, device) -> dict:
+    """{(model index, attack name): the journal fingerprint} of every white-box attack on every model (the
+    transfer attack keeps no journal)."""
+    result, versions = {}, package_versions()
+    for index, (path, label, (_, checkpoint)) in enumerate(zip(args.checkpoints, labels, loaded)):
+        identity = checkpoint_identity(path)
+        for name, attack in attacks.items():
+            if attack.white_box:
+                result[(index, name)] = fingerprint(
+                    checkpoint_sha256=identity, label=label, model_index=index, attack=attack,
+                    attack_seed=attack_seed(args.seed, name), dataset=info.name, test_indices=splits.test.indices,
+                    batch_size=args.batch_size, amp=args.amp, channels_last=checkpoint.get("channels_last", False),
+                    device=device, versions=versions)
+    return result
 
 
 class Evaluation:
@@ -518,6 +560,7 @@ class Evaluation:
     def __init__(self, out_dir: Path, summary: dict, columns, attacks: dict, labels):
         self.out_dir, self.summary, self.columns, self.attacks, self.labels = out_dir, summary, columns, attacks, labels
         self.records, self.cleans, self.results_by_model = [], [], []
+        self.journals = {}  # {(model index, attack name): AttackJournal}
         self.warnings = RunWarnings()
         if distributed.is_main():
             self.warnings.keep_in(out_dir, fresh=True)  # this evaluation's warnings replace an earlier one's
@@ -528,13 +571,18 @@ class Evaluation:
 
     def evaluate(self, loaded, surrogate, loader, device, args):
         paths = args.checkpoints
-        for label, path, (model, checkpoint) in zip(self.labels, paths, loaded):
+        for index, (label, path, (model, checkpoint)) in enumerate(zip(self.labels, paths, loaded)):
             def save_progress(clean, results):  # an interrupted run keeps every finished attack
                 self.keep_test_labels(clean)
                 self.write(self.records + [model_record(label, path, checkpoint, clean, results, self.attacks)],
                            final=False)
-            clean, results = evaluate_white_box(label, model, self.attacks, loader, device, args, save_progress)
+            journals = {name: journal for (model_index, name), journal in self.journals.items() if model_index == index}
+            clean, results = evaluate_white_box(label, model, self.attacks, loader, device, args, save_progress,
+                                                journals)
             self.keep_test_labels(clean)
+            self.summary.setdefault("journalled_batches", {}).update(
+                {f"{index}/{name}": result.journalled_batches for name, result in results.items()
+                 if result.journalled_batches})
             self.records.append(model_record(label, path, checkpoint, clean, results, self.attacks))
             self.cleans.append(clean)
             self.results_by_model.append(results)
@@ -577,7 +625,8 @@ def _main_interruptible(argv=None):
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted; results.json in --out-dir holds the attacks finished so far",
+        print(f"{Path(sys.argv[0]).name}: interrupted; results.json in --out-dir holds the attacks finished so far, "
+              f"and its progress/ folder every batch finished: run the same command with --resume to continue",
               file=sys.stderr)
         sys.exit(130)
 

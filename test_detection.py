@@ -37,7 +37,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
 from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, attack_metrics, attack_outcome,
-                             build_detection_attacks, clean_outcome)
+                             build_detection_attacks, clean_outcome, study_columns)
 from utils.errors import UserError, run_main
 from utils.evaluation import attack_seed, sharded_loader
 from utils.run_warnings import RunWarnings
@@ -292,7 +292,9 @@ def main(argv=None):
     loader = sharded_loader(splits.test, args.batch_size)
     batches = lambda: tqdm(list(zip(loader.batch_indices, loader)), leave=False, dynamic_ncols=True)  # noqa: E731
     test_labels = torch.cat([y for _, y in loader])
+    # "columns": the columns reproduce.py's study table takes from this file (utils/evaluators.py)
     summary = {"dataset": info.name, "test_images": len(splits.test), "seed": args.seed, "fpr": args.fpr,
+               "columns": study_columns(args.attacks),
                "epsilon": args.epsilon, "attacks": args.attacks, "device": str(device),
                "attack_settings": {a.name: a.settings for a in attacks},
                "command": shlex.join([script, *argv]), "args": vars(args), "git_commit": git_commit(),

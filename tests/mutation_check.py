@@ -216,6 +216,10 @@ MUTATIONS = {
         "defenses/mixup_inference.py", "        x_adv = pgd_attack(plain, x, predicted, config, generator)",
         "        x_adv = pgd_attack(plain, x, y, config, generator)",
         ["tests/test_mixup.py::test_iat_attacks_the_predicted_labels_not_the_true_ones"]),
+    # stage 4's --resume
+    "eval-journal-ignores-its-fingerprint": (
+        "utils/eval_journal.py", "            if read is None or read[0] != text:", "            if read is None:",
+        ["tests/test_resumable_eval.py::test_a_journal_made_with_other_settings_is_not_used"]),
 }
 
 

@@ -190,6 +190,10 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
                                 "--aware-targets", "2", "--device", "cpu", "--out-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and [m["label"] for m in results["models"]] == ["CE", "RCE"]
+    # what reproduce.py's study table reads (utils/evaluators.py): its columns and the number of test images
+    assert results["test_images"] == 30 and len(results["columns"]) == 35
+    assert results["columns"][:2] == [{"key": "clean", "header": "Clean"},
+                                      {"key": "fgsm:auc:confidence", "header": "FGSM AUC conf. (×10⁻²)"}]
     for model in results["models"]:
         assert set(model["attacks"]) == {"fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware"}
         for name, attack in model["attacks"].items():

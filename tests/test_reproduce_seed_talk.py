@@ -12,7 +12,7 @@ import pytest
 import reproduce
 from utils.errors import UserError
 from utils.pipeline import (DEFENSES, ESTIMATOR_RUNS, build_plan, check_command_lines, resolve_config, stage_flags)
-from utils.presets import ALL_DEFENSES, MIXUP_DEFENSES, NAMID_DEFENSES, PRESETS, TALK_DEFENSES
+from utils.presets import ALL_DEFENSES, MIXUP_DEFENSES, NAMID_DEFENSES, PRESETS, RCE_DEFENSES, TALK_DEFENSES
 from utils.study import DEFAULT_REFERENCE, REFERENCE_TABLES, comparison, comparison_csv, comparison_markdown, \
     paper_markdown, write_study
 
@@ -81,7 +81,7 @@ def test_the_paper_like_presets_keep_the_namid_rows():
     for name in ("cifar10-paper", "cifar10-reference", "tiny-imagenet-paper", "mnist", "fashion-mnist", "demo"):
         assert PRESETS[name]["defenses"] == list(NAMID_DEFENSES), name
         assert PRESETS[name]["reference"] == "namid-table1", name
-    assert ALL_DEFENSES == NAMID_DEFENSES + TALK_DEFENSES + MIXUP_DEFENSES == tuple(DEFENSES)
+    assert ALL_DEFENSES == NAMID_DEFENSES + TALK_DEFENSES + MIXUP_DEFENSES + RCE_DEFENSES == tuple(DEFENSES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -286,3 +286,56 @@ def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
                              "adv_accepted": {name: "".join("1" if f else "0" for f in adv.accepted[name].tolist())
                                               for name in DETECTORS + (COMBINED,)}}
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py's study table (utils/evaluators.py): a model's record as {column key: value in [0, 1]}
+
+SCORE_SHORT = {"confidence": "conf.", "non-me": "non-ME", "k-density": "K-dens.", COMBINED: "all three"}
+# The detectors whose accuracy with rejection the study's table shows (every detector's is in the values and in
+# each evaluation's results): K-density, the authors' detector, and all three together.
+STUDY_REJECTION = ("k-density", COMBINED)
+
+
+def auc_key(attack: str, score: str) -> str:
+    return f"{attack}:auc:{score}"
+
+
+def rejection_key(attack: str, detector: str) -> str:
+    """Accuracy with rejection by `detector` (a score or COMBINED) under `attack` ("clean": on the clean images)."""
+    return f"{attack}:rejection:{detector}"
+
+
+def study_values(record: dict) -> dict:
+    """One model's record of test_detection.py's results.json as the study's values, each in [0, 1]: clean accuracy
+    ("clean"), every ROC AUC of the authors' protocol (auc_key) and every accuracy with rejection (rejection_key,
+    clean and per attack, per detector and for all three), and per attack the accuracy without rejection
+    ("<attack>:accuracy"). An undefined AUC (no pair: the attack succeeded on no correctly classified image) is
+    left out, so that the study's cell averages the seeds where it is defined."""
+    values = {"clean": record["clean"]["accuracy"]}
+    for name, value in record["clean"]["accuracy_with_rejection"].items():
+        values[rejection_key("clean", name)] = value
+    for attack, metrics in record["attacks"].items():
+        values[f"{attack}:accuracy"] = metrics["robust_accuracy"]
+        if attack in AUTHORS_ATTACKS:
+            for score, value in metrics["auc"].items():
+                if value is not None and value == value:  # NaN: no pair
+                    values[auc_key(attack, score)] = value
+        for name, value in metrics["accuracy_with_rejection"].items():
+            values[rejection_key(attack, name)] = value
+    return values
+
+
+def study_columns(attacks) -> list:
+    """The study table's columns ([{key, header}], test_detection.py's results.json "columns") for the evaluated
+    attacks: clean accuracy, then the authors' AUC table (every attack of theirs x every score; a cell is the AUC
+    x 100, the talk's x10^-2), then accuracy (%) with rejection by K-density and by all three, clean and under
+    every attack (the detector-aware one included). The other values of study_values stay in the evaluation's
+    own results (per seed)."""
+    columns = [{"key": "clean", "header": "Clean"}]
+    columns += [{"key": auc_key(attack, score), "header": f"{ATTACK_LABELS[attack]} AUC {SCORE_SHORT[score]} (×10⁻²)"}
+                for attack in attacks if attack in AUTHORS_ATTACKS for score in DETECTORS]
+    columns += [{"key": rejection_key(attack, detector),
+                 "header": f"{'Clean' if attack == 'clean' else ATTACK_LABELS[attack]}, rej. {SCORE_SHORT[detector]}"}
+                for attack in ("clean", *attacks) for detector in STUDY_REJECTION]
+    return columns

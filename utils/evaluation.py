@@ -673,6 +673,9 @@ class AttackResult:
     notes: list = field(default_factory=list)
     predicted: Optional[torch.Tensor] = None  # the predicted class per example (int64)
     labels: Optional[torch.Tensor] = None     # the true class per example
+    seconds_this_run: Optional[float] = None  # a continued run (--resume): its own wall time; seconds includes
+                                              # the journalled batches' seconds (None: seconds is this run's)
+    journalled_batches: int = 0               # batches taken from the journal, not attacked again (all processes)
 
     @property
     def accuracy(self) -> float:
@@ -745,20 +748,30 @@ def _new_budget_check(attack: Attack) -> BudgetCheck:
     return BudgetCheck(limit=attack.bound, measure=measure)
 
 
-def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str) -> AttackResult:
+def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str, journal=None) -> AttackResult:
     """Attack every batch; per example, whether the model still classifies the adversarial correctly.
 
     Each batch draws from the attack's generator (PGD) or from the global RNG (library attacks), both
     seeded from (seed, batch index) and the global one restored afterwards. Under torchrun each process
     attacks its shard of the loader and every process gets the whole result. The model is checked for
-    left-behind gradients or changed state, and restored if needed (reported in side_effects)."""
+    left-behind gradients or changed state, and restored if needed (reported in side_effects).
+
+    With a journal (utils/eval_journal.py AttackJournal), a batch it holds is taken from it, not attacked
+    again, and every batch attacked is recorded in it as soon as it is done. The result's seconds are then
+    this run's wall time plus the journalled batches' seconds; seconds_this_run is this run's alone."""
     snapshot = ModelSnapshot(model)
     generator = torch.Generator(device=device)
-    outcomes = []
+    outcomes, journalled, journalled_seconds = [], 0, 0.0
     started = time.perf_counter()
     with isolated_rng(seed, device):
         bar = _progress(loader, desc)
         for index, (x, y) in bar:
+            if journal is not None and index in journal.done:
+                outcome, seconds = journal.done[index]
+                outcomes.append(outcome)
+                journalled, journalled_seconds = journalled + 1, journalled_seconds + seconds
+                continue
+            batch_started = time.perf_counter()
             x, y = x.to(device), y.to(device)
             seed_batch(seed, index, generator)
             with autocast(device, amp):
@@ -769,6 +782,8 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
                 unthresholded = (predictions(model, output.unthresholded.clamp(0, 1), device, amp)[0] == y).cpu()
             outcomes.append(BatchOutcome(index, (predicted == y).cpu(), has_nan, measure_budget(attack, x, output),
                                          unthresholded, output.notes, predicted.cpu(), y.cpu()))
+            if journal is not None:
+                journal.record(outcomes[-1], time.perf_counter() - batch_started)
             done = torch.cat([outcome.robust for outcome in outcomes])
             bar.set_postfix(acc=f"{done.float().mean().item():.3f}", refresh=False)
     side_effects = snapshot.problems(model)
@@ -776,7 +791,15 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str)
         snapshot.restore(model)
     outcomes = in_batch_order(distributed.gather_from_all(outcomes))
     side_effects = problems_of_every_process(side_effects)
-    return combine(outcomes, time.perf_counter() - started, _new_budget_check(attack), side_effects)
+    this_run = time.perf_counter() - started
+    if journal is None:
+        return combine(outcomes, this_run, _new_budget_check(attack), side_effects)
+    # every process's batches taken from the journal and their seconds, so that all agree on the totals
+    counts = distributed.gather_from_all((journalled, journalled_seconds))
+    result = combine(outcomes, this_run + sum(seconds for _, seconds in counts), _new_budget_check(attack),
+                     side_effects)
+    result.seconds_this_run, result.journalled_batches = this_run, sum(count for count, _ in counts)
+    return result
 
 
 def run_transfer(surrogate, targets: list, attack: Attack, loader, device, amp, seed: int) -> list:

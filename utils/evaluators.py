@@ -12,9 +12,11 @@ labelled "<defense label> + <predictor label>" (e.g. "Mixup + mixup inference (O
 a mean over repeated randomized evaluations (test_mixup_inference.py --repeats) enters the study as that
 per-seed mean; the study's cell is then the mean +- std across seeds of those means.
 
-Adding an evaluation script (e.g. test_detection.py, whose AUC tables and accuracy-with-rejection would be
-columns): an EVALUATORS entry with its rows() reader and the note results.md prints under the table; its
-results.json needs "columns", "test_images" and "models" as above."""
+test_detection.py's values are not all accuracies: its ROC AUC columns hold the AUC in [0, 1], which the study's
+cells show x 100 as accuracies are (the RCE paper's x10^-2, said in their headers).
+
+Adding an evaluation script: an EVALUATORS entry with its rows() reader and the note results.md prints under the
+table; its results.json needs "columns", "test_images" and "models" as above."""
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,14 @@ def mixup_inference_rows(results: dict) -> list:
     return rows
 
 
+def detection_rows(results: dict) -> list:
+    """test_detection.py: one row, the defense's own: clean accuracy, the authors' ROC AUC per (attack, score) and
+    accuracy with rejection per (attack, detector), clean too (utils/detection.py study_values); its results.json's
+    "columns" pick the table's subset."""
+    from utils.detection import study_values
+    return [(None, None, study_values(results["models"][0]))]
+
+
 @dataclass(frozen=True)
 class Evaluator:
     script: str                          # the stage-4 script
@@ -75,6 +85,18 @@ EVALUATORS = {
              "repeated partner draws, whose within-seed standard deviation is in each evaluation's results "
              "(seed<s>/eval-<defense>/results.md, .json); the worst-case column counts an example only if it is "
              "correct when clean and under every attack of the table in the same repeat (test_mixup_inference.py)"),
+    "test_detection.py": Evaluator(
+        "test_detection.py", detection_rows,
+        note="the AUC columns are the RCE paper's protocol (Pang et al., NeurIPS 2018): the ROC AUC x 100 (its "
+             "x10^-2) of a score (conf.: confidence, non-ME, K-dens.: K-density), clean test images classified "
+             "correctly against their adversarials that are misclassified, a seed without such a pair left out of "
+             "the cell; the \"rej.\" columns are accuracy (%) with rejection at the clean false-positive rate "
+             "eval.fpr (default 5 %, thresholds on each model's validation split) by K-density or by all three "
+             "detectors together: an example counts when its clean image is classified correctly and accepted and "
+             "its adversarial is classified correctly or rejected (\"Clean, rej.\": the clean image alone). Every "
+             "number (the other detectors' accuracy with rejection, accuracy without rejection, pairs, thresholds, "
+             "ROC curves) is in each seed's evaluation (seed<s>/eval-<defense>/results.md, .json, .csv; "
+             "test_detection.py)"),
 }
 
 

@@ -96,6 +96,10 @@ DEFENSES = {
     # the talk's mixup inference presupposes mixup-trained models: mixup, and interpolated adversarial training
     "mixup": Defense("Mixup", "standard", ("--loss", "mixup")),
     "iat": Defense("IAT", "standard", ("--loss", "iat")),
+    # the talk's reverse cross-entropy (RCE, NeurIPS 2018), evaluated with its detectors by test_detection.py; its
+    # cross-entropy baseline is "sce" (natural softmax training)
+    "rce": Defense("RCE", "standard", ("--loss", "natural", "--head", "rce")),
+    "at-rce": Defense("AT-RCE", "standard", ("--loss", "at", "--head", "rce")),
 }
 assert tuple(DEFENSES) == ALL_DEFENSES
 assert len({spec.label for spec in DEFENSES.values()}) == len(DEFENSES)  # labels name the rows and curve series
@@ -341,6 +345,13 @@ class Task:
         return self.kind not in ("eval", "curve")
 
     @property
+    def has_eval_journal(self) -> bool:
+        """An interrupted test_comparison.py evaluation: its run folder holds the per-batch journal
+        (utils/eval_journal.py), which --resume continues."""
+        return (self.kind in ("eval", "curve") and Path(self.script).name == "test_comparison.py"
+                and (self.run_dir / "progress").is_dir())
+
+    @property
     def command(self) -> list:
         return [sys.executable, str(ROOT / self.script), *self.argv]
 
@@ -491,10 +502,10 @@ def task_state(task: Task) -> str:
                    else "inputs that have changed since (an earlier stage was re-run)")
             raise UserError(f"{task.run_dir} holds a finished run made with {why}; pass another --out, "
                             f"or delete that folder to redo it")
-        return "fresh"  # an evaluation is simply redone
+        return "resume" if task.has_eval_journal else "fresh"  # an evaluation is redone (continued: --resume)
     if task.resumable and (task.run_dir / "last.pt").is_file():
         return "resume"
-    return "fresh"
+    return "resume" if task.has_eval_journal else "fresh"
 
 
 class StageFailed(UserError):

@@ -35,7 +35,10 @@ TALK_DEFENSES = ("sce", "mm-lda", "mmc", "at-mm-lda", "at-mmc", "ensemble", "adp
 # Mixup training and interpolated adversarial training, the models mixup inference is meant for (the talk's
 # ICLR 2020 paper; test_mixup_inference.py).
 MIXUP_DEFENSES = ("mixup", "iat")
-ALL_DEFENSES = NAMID_DEFENSES + TALK_DEFENSES + MIXUP_DEFENSES
+# Reverse cross-entropy training, naturally and with adversarial training (the talk's NeurIPS 2018 paper), the
+# models its detectors (confidence, non-ME, K-density; test_detection.py) are meant for.
+RCE_DEFENSES = ("rce", "at-rce")
+ALL_DEFENSES = NAMID_DEFENSES + TALK_DEFENSES + MIXUP_DEFENSES + RCE_DEFENSES
 ALL_ATTACKS = "pgd aa fwa tidim pgd-l2 cw ddn transfer"
 
 # alpha on MNIST-like data: at the paper's alpha 5 NAMID does not train a SmallCNN on Fashion-MNIST at
@@ -97,6 +100,18 @@ def ten_step_attacks(epsilon: str) -> dict:
 # attacks' weaknesses as far as any of them succeeds.
 MIXUP_TEST_LIMIT = 100
 MIXUP_CPU_ATTACKS = {"pgd-steps": 10, "eot-steps": 10, "eot-samples": 1, "aa-iterations": 10, "aa-eot-iter": 1}
+
+# test_detection.py on the CPU (rce-fashion-mnist-cpu, rce-mnist-cpu), at its defaults (BIM and ILCM 10 steps, JSMA
+# theta 1 gamma 0.1, C&W 5 binary steps x 50 iterations, C&W-hc 5 x 100 at confidence 10, the detector-aware PGD
+# 3 targets x 50 steps), which are CPU-sized already, on the authors' 1000 test images. Sized on one loaded core
+# (OMP_NUM_THREADS=1, load ~4-5 on 2 cores) with SmallCNNs trained 3 epochs on Fashion-MNIST (~73 % clean): the
+# attacks took 102 s (CE) and 207 s (RCE) on 50 test images, 222 s and 396 s on 100 in an earlier run (JSMA, C&W-hc,
+# C&W and the detector-aware PGD ~98 % of it; FGSM, BIM and ILCM ~1 s each), so ~35 min (CE) and ~70 min (RCE) per evaluation
+# on 1000 images, linearly extrapolated (the detectors' fit and the clean pass add under a minute); with 2 jobs a
+# 3-seed study's 6 evaluations take ~3 h after the trainings.
+DETECTION_TEST_LIMIT = 1000
+# every attack of test_detection.py (its default; written out over _paper_like's test_comparison.py attacks)
+DETECTION_ATTACKS = "fgsm bim ilcm jsma cw cw-hc aware"
 
 
 def _paper_like(dataset, epsilons, description, **sections):
@@ -251,4 +266,32 @@ PRESETS = {
         # at 0.6 too (the authors report PL with mixup-trained models only)
         eval_per_defense={"iat": {"mixup-lambda": 0.6}},
         **MNIST_LIKE_STAGE2),
+    "rce-fashion-mnist-cpu": _paper_like(
+        "fashion-mnist", [],
+        "The RCE paper's detection study (the seed talk; NeurIPS 2018) on a 2-core CPU: CE (SCE) and RCE SmallCNNs "
+        "(10 000 Fashion-MNIST training images, 10 epochs, seeds 0-2), each evaluated by test_detection.py on 1 000 "
+        "test images: ROC AUC of confidence, non-ME and K-density under FGSM, BIM, ILCM, JSMA, C&W and C&W-hc (the "
+        "authors' protocol) and accuracy with rejection at a 5 % clean FPR, also under a detector-aware PGD.",
+        # CE is the natural softmax row "sce"; AT-RCE (--defenses at-rce) would add RCE with adversarial training
+        defenses=["sce", "rce"], jobs=2, surrogate=None,  # 2 stages at once on 2 cores; no transfer column, no curve
+        reference="rce-nips2018",
+        # training as the other Fashion-MNIST CPU presets (1 000 test images monitored per epoch, gradient norm
+        # clipped at 10); CE at the dataset's SGD lr 0.05, RCE at its authors' lr 0.1 (utils/cli.py HEAD_DEFAULTS)
+        common={"dataset": "fashion-mnist", "train-limit": 10000, "test-limit": 1000},
+        standard={"epochs": 10, **MNIST_LIKE_TRAINING},
+        eval_script="test_detection.py",
+        eval={"test-limit": DETECTION_TEST_LIMIT, "attacks": DETECTION_ATTACKS}),
+    "rce-mnist-cpu": _paper_like(
+        "mnist", [],
+        "The RCE paper's MNIST AUC table (the seed talk; NeurIPS 2018) at CPU scale: CE (SCE) and RCE SmallCNNs "
+        "(20 000 MNIST training images, 10 epochs, seeds 0-2, eps 0.3), evaluated by test_detection.py on 1 000 "
+        "test images as rce-fashion-mnist-cpu.",
+        defenses=["sce", "rce"], jobs=2, surrogate=None,
+        reference="rce-nips2018-mnist",
+        # twice rce-fashion-mnist-cpu's training images: natural training of a SmallCNN is cheap next to the
+        # evaluations, whose time does not depend on it (K-density keeps its 1 000 kernels per class either way)
+        common={"dataset": "mnist", "train-limit": 20000, "test-limit": 1000},
+        standard={"epochs": 10, **MNIST_LIKE_TRAINING},
+        eval_script="test_detection.py",
+        eval={"test-limit": DETECTION_TEST_LIMIT, "attacks": DETECTION_ATTACKS}),
 }

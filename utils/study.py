@@ -24,6 +24,20 @@ PAPER_TABLE1 = {"Standard AT": (83.39, 42.38, 39.01), "NAMID": (83.41, 44.79, 39
                 "NAMID-T": (80.67, 47.53, 43.39), "MART": (78.21, 50.23, 43.96), "NAMID-M": (78.38, 51.69, 44.42)}
 _OTHER_SETTING = ("The authors' numbers, on other architectures, datasets and scales than this study's: for orientation "
                   "only, not comparable cell for cell.")
+# The RCE paper's AUC table (Pang, Du, Dong, Zhu, NeurIPS 2018; the seed talk), ROC AUC x10^-2 per attack: on MNIST
+# and on CIFAR-10 (ResNet-32), each CE (confidence, non-ME, K-density) then RCE (the same).
+RCE_AUC_COLUMNS = ["CE conf.", "CE non-ME", "CE K-dens.", "RCE conf.", "RCE non-ME", "RCE K-dens."]
+RCE_AUC = {  # attack: (MNIST, CIFAR-10)
+    "FGSM": (["79.7", "66.8", "98.8", "98.8", "98.6", "99.4"], ["71.5", "66.9", "99.7", "92.6", "91.4", "98.0"]),
+    "BIM": (["88.9", "70.5", "90.0", "91.7", "90.6", "91.8"], ["0.0", "64.6", "100.0", "0.7", "70.2", "100.0"]),
+    "ILCM": (["98.4", "50.4", "96.2", "100.0", "97.0", "98.6"], ["16.4", "37.1", "84.2", "64.1", "77.8", "93.9"]),
+    "JSMA": (["98.6", "60.1", "97.7", "100.0", "99.4", "99.0"], ["99.2", "27.3", "85.8", "99.5", "91.9", "95.4"]),
+    "C&W": (["98.6", "64.1", "99.4", "100.0", "99.5", "99.8"], ["99.5", "50.2", "95.3", "99.6", "94.7", "98.2"]),
+    "C&W-hc": (["0.0", "40.0", "91.1", "0.1", "93.4", "99.6"], ["0.0", "28.8", "75.4", "0.2", "53.6", "91.8"]),
+}
+_RCE_NOTE = (_OTHER_SETTING + " ROC AUC x10^-2 of each score, clean test images classified correctly against their "
+             "successful adversarials, as this study's AUC columns; the authors' attacks ran longer than this study's "
+             "CPU-sized ones (e.g. C&W-hc 10 000 iterations).")
 # The published tables results.md shows for orientation, one per preset (its "reference" key): a title, the
 # first column's name, the value columns, rows of (name, values as published; None: not reported) and a note.
 REFERENCE_TABLES = {
@@ -68,6 +82,19 @@ REFERENCE_TABLES = {
         "note": "Its tables (CIFAR-10 and CIFAR-100) are not reproduced here: their numbers were not available "
                 "offline, and none are copied from memory. See the paper, and "
                 "Tramer et al. 2020 (NeurIPS) for the adaptive attacks that broke it."},
+    # the RCE paper's AUC table: its MNIST column for rce-mnist-cpu; both datasets for rce-fashion-mnist-cpu
+    # (Fashion-MNIST is in neither; MNIST's rows are the nearer setting)
+    "rce-nips2018-mnist": {
+        "title": "The RCE paper's MNIST AUC table (NeurIPS 2018; the seed talk), for orientation",
+        "first": "Attack", "columns": RCE_AUC_COLUMNS,
+        "rows": [(attack, mnist) for attack, (mnist, _) in RCE_AUC.items()],
+        "note": _RCE_NOTE},
+    "rce-nips2018": {
+        "title": "The RCE paper's AUC table (NeurIPS 2018, MNIST and CIFAR-10; the seed talk), for orientation",
+        "first": "Attack", "columns": RCE_AUC_COLUMNS,
+        "rows": [(f"{attack} ({dataset})", values[index]) for index, dataset in enumerate(("MNIST", "CIFAR-10"))
+                 for attack, values in RCE_AUC.items()],
+        "note": _RCE_NOTE + " Fashion-MNIST is in neither; MNIST's rows are the nearer setting."},
 }
 DEFAULT_REFERENCE = "namid-table1"
 FIGURES = {"training_curves.png": "clean and PGD accuracy per epoch of every defense (mean over seeds, band: +- 1 std)",
