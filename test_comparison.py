@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
-from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.cli import ArgumentParser, parse_evaluation_args, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
 from utils.eval_journal import checkpoint_identity, fingerprint, open_journals, remove_journal
@@ -488,13 +488,9 @@ def evaluate_white_box(label, model, attacks, loader, device, args, after_each_a
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.labels is not None and len(args.labels) != len(args.checkpoints):
-        parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
-    started = time.perf_counter()
     script = Path(__file__).name
-    args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
+    args = parse_evaluation_args(build_parser(), argv, script)
+    started = time.perf_counter()
     if args.surrogate:
         args.surrogate = checkpoint_in(args.surrogate, "best.pt", script)
     # Every input is checked before the processes join their group, so that bad input stops them all alike.

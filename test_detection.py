@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from defenses.detectors import (COMBINED, DEFAULT_SIGMA2, DETECTOR_LABELS, DETECTORS, detectors_path,
                                 load_or_fit_detectors, roc_points, settings_for)
-from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
-from utils.cli import ArgumentParser, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.cli import ArgumentParser, parse_evaluation_args, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, attack_metrics, attack_outcome,
                              build_detection_attacks, clean_outcome, study_columns)
@@ -253,15 +253,11 @@ def plot_roc(path, title, clean, adv, pairs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.labels is not None and len(args.labels) != len(args.checkpoints):
-        parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+    script = Path(__file__).name
+    args = parse_evaluation_args(build_parser(), argv, script)
     if args.fpr >= 1:
         raise UserError(f"--fpr {args.fpr} is not a rate in (0, 1)")
     started = time.perf_counter()
-    script = Path(__file__).name
-    args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
     device = resolve_device(args.device)
     loaded = [load_model(path, device) for path in args.checkpoints]
     datasets = {checkpoint["model_spec"]["dataset"] for _, checkpoint in loaded}

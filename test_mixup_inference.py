@@ -42,11 +42,11 @@ from defenses.mixup_inference import (DEFAULT_PARTNERS, MODES, POOL_SOURCES, Mix
                                       pool_from_splits)
 from test_comparison import check_one_dataset, defense_label, load_models, prepare_out_dir, unique_labels
 from utils.attacks import PGDConfig, frozen_eval, perturbation_norms, pgd_attack
-from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
-from utils.cli import ArgumentParser, mixing_lambda, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.checkpoint import atomic_write_json, atomic_write_text
+from utils.cli import ArgumentParser, parse_evaluation_args, mixing_lambda, nonnegative_int, nonnegative_number, positive_int, positive_number
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
-from utils.evaluation import (_autoattack_class, _autoattack_log, attack_seed, autoattack_module, batch_seed,
+from utils.evaluation import (attack_seed, autoattack_class, autoattack_log, autoattack_module, batch_seed,
                               isolated_rng, seed_batch)
 from utils.losses import MIXUP_LOSSES
 from utils.run_warnings import RunWarnings
@@ -208,8 +208,8 @@ def set_apgd_iterations(apgd, iterations: int):
 def aa_rand_craft(epsilon: float, iterations: int, eot_iter: int, seed: int, notes: list):
     """AutoAttack 'rand' (APGD-CE, APGD-DLR with EOT) from its reference code, at the given iterations and EOT."""
     def craft(predictor, x, y, generator):
-        cls, _ = _autoattack_class()
-        with _autoattack_log() as report:
+        cls, _ = autoattack_class()
+        with autoattack_log() as report:
             adversary = cls(predictor, norm="Linf", eps=epsilon, version="rand", seed=seed, device=x.device)
             set_apgd_iterations(adversary.apgd, iterations)
             adversary.apgd.eot_iter = eot_iter
@@ -419,13 +419,9 @@ def sanity_warnings(label: str, checkpoint: dict, rows: list, epsilon: float) ->
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.labels is not None and len(args.labels) != len(args.checkpoints):
-        parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
-    started = time.perf_counter()
     script = Path(__file__).name
-    args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
+    args = parse_evaluation_args(build_parser(), argv, script)
+    started = time.perf_counter()
     device = resolve_device(args.device)
     loaded = [(freeze(model), checkpoint) for model, checkpoint in load_models(args.checkpoints, device,
                                                                                args.channels_last)]

@@ -229,7 +229,7 @@ def test_autoattack_runs_the_standard_version_exactly(trained_small_cnn, fmnist_
     """What reaches AutoAttack's reference code when it starts: version standard, the four standard
     attacks, 100 iterations, 5000 Square queries, the run's epsilon and seed, one batch per call."""
     from utils import evaluation
-    real_class, module_name = evaluation._autoattack_class()
+    real_class, module_name = evaluation.autoattack_class()
     seen = {}
 
     class Recording(real_class):
@@ -244,7 +244,7 @@ def test_autoattack_runs_the_standard_version_exactly(trained_small_cnn, fmnist_
                         logits=self.model(x_orig).dtype)
             return x_orig.clone()
 
-    monkeypatch.setattr(evaluation, "_autoattack_class", lambda: (Recording, module_name))
+    monkeypatch.setattr(evaluation, "autoattack_class", lambda: (Recording, module_name))
     attack = attacks_by_name(names=("aa",))["aa"]
     _, _, x, y = fmnist_batches
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as --amp on CUDA: Square fails on bf16 logits

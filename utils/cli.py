@@ -7,6 +7,7 @@ from fractions import Fraction
 from defenses import HEAD_NAMES
 from models import ARCHITECTURES
 from utils.attacks import NORMS
+from utils.checkpoint import checkpoint_in
 from utils.data import DATASETS
 from utils.training import BN_POLICIES
 
@@ -287,4 +288,14 @@ def resolve_dataset_defaults(args):
         args.milestones = sorted({max(1, round(0.75 * args.epochs)), max(1, round(0.9 * args.epochs))})
     if hasattr(args, "eval_batch_size") and args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
+    return args
+
+
+def parse_evaluation_args(parser, argv, script: str):
+    """The evaluation scripts' common start: parse, one --labels entry per checkpoint, and each run folder
+    given to --checkpoints replaced by the best.pt it holds."""
+    args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.checkpoints):
+        parser.error(f"--labels needs one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+    args.checkpoints = [checkpoint_in(path, "best.pt", script) for path in args.checkpoints]
     return args

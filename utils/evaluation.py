@@ -214,7 +214,7 @@ def _mim(epsilon, step_size, steps, decay):
     return craft
 
 
-def _autoattack_class():
+def autoattack_class():
     """AutoAttack's reference code: the official `autoattack` module if installed (pip install
     git+https://github.com/fra31/auto-attack), else its PyPI packaging `pyautoattack`."""
     for module_name in ("autoattack", "pyautoattack"):
@@ -229,7 +229,7 @@ def _autoattack_class():
 
 
 def autoattack_module() -> str:
-    return _autoattack_class()[1]
+    return autoattack_class()[1]
 
 
 class _AutoAttackReport(logging.Handler):
@@ -250,7 +250,7 @@ class _AutoAttackReport(logging.Handler):
 
 
 @contextmanager
-def _autoattack_log():
+def autoattack_log():
     logger = logging.getLogger("auto-attack")
     report, level, propagate = _AutoAttackReport(), logger.level, logger.propagate
     logger.addHandler(report)
@@ -269,11 +269,11 @@ def _autoattack(epsilon: float, version: str, seed: int):
     100 iterations, 5000 queries); the two packagings differ only in argument names. Its progress
     (attack by attack) is shown, and its own checks' warnings are reported with the results."""
     def craft(model, x, y, generator):
-        cls, _ = _autoattack_class()
+        cls, _ = autoattack_class()
         kwargs = dict(norm="Linf", eps=epsilon, version=version, seed=seed, device=x.device)
         if "verbose" in inspect.signature(cls).parameters:  # the official package prints its progress itself
             kwargs["verbose"] = distributed.is_main()
-        with frozen_eval(model), _autoattack_log() as report:
+        with frozen_eval(model), autoattack_log() as report:
             adversary = cls(Float32Logits(model).eval(), **kwargs)
             run = adversary.run_standard_evaluation
             size_name = "batch_size" if "batch_size" in inspect.signature(run).parameters else "bs"
