@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
 from tests.test_reproduce import run_study
 from utils import pipeline
 from utils.errors import UserError

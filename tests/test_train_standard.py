@@ -80,6 +80,8 @@ def test_sigkill_then_resume_finishes_the_run(fmnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert [int(r["epoch"]) for r in read_metrics(model_dir)] == [1, 2, 3]
     assert not [p for p in model_dir.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
+    [resume] = json.loads((model_dir / "config.json").read_text())["resumes"]  # provenance of the continuation
+    assert 1 <= resume["after_epoch"] <= 2 and set(resume) == {"after_epoch", "time", "host", "git_commit"}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch):

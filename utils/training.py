@@ -2,6 +2,7 @@
 checkpoint selection, the adversarial training step, and clean/PGD evaluation."""
 import csv
 import io
+import json
 import math
 import os
 import platform
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
@@ -159,6 +159,18 @@ class RunDirectory:
         record.update(extra or {})
         atomic_write_json(self.config, record)
 
+    def record_resume(self, after_epoch: int):
+        """config.json keeps, for each --resume, the epoch it continued after and the code that ran on: a run
+        started by one commit and finished by another says so."""
+        try:
+            record = json.loads(self.config.read_text())
+        except (OSError, ValueError):  # no config.json (a run older than it) or an unreadable one: nothing to add to
+            return
+        record.setdefault("resumes", []).append({
+            "after_epoch": after_epoch, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "git_commit": git_commit()})
+        atomic_write_json(self.config, record)
+
     def write_metrics(self, history: list):
         """metrics.csv is rewritten from the checkpointed history, so it never holds an epoch last.pt lacks."""
         if not history:
@@ -247,6 +259,7 @@ class TrainingRun:
         if distributed.is_main():
             restore_rng_state(checkpoint["rng"], self.generator)
             tqdm.write(f"resumed {self.run_dir.path} after epoch {self.start_epoch}")
+            self.run_dir.record_resume(self.start_epoch)
         else:  # the checkpoint holds rank 0's streams; the other processes draw fresh ones per epoch
             seed_process(self.args.seed, self.start_epoch, self.generator)
 
