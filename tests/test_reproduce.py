@@ -203,6 +203,10 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     assert markdown.startswith("# demo: robust accuracy (%) on fashion-mnist, a single run (seed 0; no spread across "
                                "seeds), 100 test images per seed")
     assert result.stdout.startswith("demo: robust accuracy (%)")
+    # the code behind every stage: one commit here, named in results.md
+    from utils.runtime import git_commit
+    assert len(results["stage_commits"]) == 7 and all(made_by == [git_commit()] for made_by in results["stage_commits"].values())
+    assert f"Code: every stage ran at commit {git_commit()}." in markdown
     for stage in ("standard-at", "only-max", "namid", "eval-namid", "curve-eps0.05"):
         assert (out / "seed0" / stage / MARKER).is_file(), stage
         events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))
@@ -249,6 +253,26 @@ def test_a_killed_stage_resumes_and_the_table_equals_an_uninterrupted_run(tiny_s
     first, second = (json.loads((folder / "results.json").read_text()) for folder in (reference, out))
     assert second["cells"] == first["cells"]
     assert second["robust_vs_epsilon"] == first["robust_vs_epsilon"]
+    [resume] = json.loads((out / "seed0" / "namid" / "config.json").read_text())["resumes"]
+    assert second["stage_commits"]["seed0/namid"] == [resume["git_commit"]]  # the same commit started and resumed it
+
+
+def test_a_study_run_by_several_commits_names_the_stages_of_each(tmp_path):
+    from utils.study import commits_line, stage_commits
+    from tests.test_reproduce_seed_talk import plan
+    _, tasks = plan("fashion-mnist-cpu", seeds=[0], out=tmp_path)
+    for name, record in {"seed0/standard-at": {"git_commit": "aaa"},
+                         "seed0/namid": {"git_commit": "aaa", "resumes": [{"after_epoch": 3, "git_commit": "bbb"}]}}.items():
+        tasks[name].run_dir.mkdir(parents=True)
+        (tasks[name].run_dir / "config.json").write_text(json.dumps(record))
+    (tasks["seed0/eval-namid"].run_dir).mkdir(parents=True)
+    (tasks["seed0/eval-namid"].run_dir / "results.json").write_text(json.dumps({"git_commit": "bbb"}))
+    commits = stage_commits(list(tasks.values()))
+    assert commits["seed0/namid"] == ["aaa", "bbb"] and commits["seed0/eval-namid"] == ["bbb"]
+    assert commits["seed0/trades"] == []  # not run yet
+    assert commits_line(commits) == ("Code: stages ran at several commits: aaa ran seed0/standard-at, seed0/namid; "
+                                     "bbb ran seed0/namid, seed0/eval-namid.")
+    assert commits_line({"seed0/x": ["aaa"], "seed0/y": ["aaa"]}) == "Code: every stage ran at commit aaa."
 
 
 def test_the_curve_uses_the_tables_pgd_and_names_budgets_as_written():

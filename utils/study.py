@@ -165,6 +165,33 @@ def stage_warnings(tasks: list) -> list:
     return [{"stage": task.name, "message": message} for task in tasks for message in read_warnings(task.run_dir)]
 
 
+def stage_commits(tasks: list) -> dict:
+    """{stage: the commits that made its outputs}: a training's config.json (and each resumption's), an
+    evaluation's results.json; a study continued after an update of the code says which stages each commit ran."""
+    commits = {}
+    for task in tasks:
+        found = []
+        for name in ("config.json", "results.json"):
+            try:
+                record = json.loads((task.run_dir / name).read_text())
+            except (OSError, ValueError):
+                continue
+            found += [record.get("git_commit")] + [resume.get("git_commit") for resume in record.get("resumes", [])]
+        commits[task.name] = list(dict.fromkeys(commit for commit in found if commit))
+    return commits
+
+
+def commits_line(commits: dict) -> str:
+    by_commit = {}
+    for stage, made_by in commits.items():
+        for commit in made_by:
+            by_commit.setdefault(commit, []).append(stage)
+    if len(by_commit) <= 1:
+        return f"Code: every stage ran at commit {next(iter(by_commit), 'unknown')}."
+    return "Code: stages ran at several commits: " + "; ".join(
+        f"{commit} ran {', '.join(stages)}" for commit, stages in by_commit.items()) + "."
+
+
 def comparison_markdown(config: dict, table: dict) -> str:
     columns = table["columns"]
     lines = ["| Defense | " + " | ".join(header for _, header in columns) + " |",
@@ -292,6 +319,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
     the markdown table and every stage's warnings."""
     table = comparison(config, tasks)
     warnings = stage_warnings(tasks)
+    commits = stage_commits(tasks)
     dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
     seeds = ("seed " if len(config["seeds"]) == 1 else "seeds ") + ", ".join(map(str, config["seeds"]))
     markdown_table = comparison_markdown(config, table)
@@ -324,7 +352,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
-             f"{invocation['machine']}.", "",
+             f"{invocation['machine']}.", "", commits_line(commits), "",
              "## The MI estimators (stage 2, test split)", "",
              *(estimator_verdicts(tasks) or ["none"]), "",
              f"## {reference_table(config)['title']}", "", paper_markdown(reference_table(config)),
@@ -338,5 +366,6 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         "preset": config["preset"], "config": config, "columns": [{"key": k, "header": h} for k, h in table["columns"]],
         "rows": table["rows"], "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
-        "training_curves": curves, "figures": written, "stage_seconds": stage_seconds, "invocation": invocation})
+        "training_curves": curves, "figures": written, "stage_seconds": stage_seconds,
+        "stage_commits": commits, "invocation": invocation})
     return {"caption": caption, "table": markdown_table, "warnings": warnings}
