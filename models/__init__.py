@@ -17,14 +17,16 @@ from defenses.adp import Ensemble
 from defenses.max_mahalanobis import MaxMahalanobisHead
 from defenses.rce import ReversedLogits
 from .normalize import Normalize
-from .resnet import ResNet, resnet18, resnet34
+from .resnet import ResNet, resnet18, resnet20, resnet32, resnet34
 from .small_cnn import SmallCNN
 from .vgg import VGG, vgg19
 from .wideresnet import WideResNet
 
-ARCHITECTURES = ("resnet18", "resnet34", "wrn-34-10", "wideresnet", "vgg19", "small-cnn")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet20", "resnet32", "wrn-34-10", "wideresnet", "vgg19", "small-cnn")
+# first-stage channels when --width is not given: the papers' (He et al. 2016)
+DEFAULT_WIDTH = {"resnet20": 16, "resnet32": 16}  # every other ResNet: 64
 
-__all__ = ["ARCHITECTURES", "HEAD_NAMES", "build_model", "count_parameters", "Normalize",
+__all__ = ["ARCHITECTURES", "DEFAULT_WIDTH", "HEAD_NAMES", "build_model", "count_parameters", "Normalize",
            "ResNet", "WideResNet", "VGG", "SmallCNN"]
 
 
@@ -34,6 +36,10 @@ def _build_network(arch: str, num_classes: int, in_channels: int, image_size: in
         return resnet18(num_classes, in_channels, width)
     if arch == "resnet34":
         return resnet34(num_classes, in_channels, width)
+    if arch == "resnet20":
+        return resnet20(num_classes, in_channels, width)
+    if arch == "resnet32":
+        return resnet32(num_classes, in_channels, width)
     if arch == "wrn-34-10":
         return WideResNet(34, 10, num_classes, in_channels)
     if arch == "wideresnet":

@@ -1,12 +1,16 @@
-"""ResNet-18 / ResNet-34 for small images (the CIFAR variant).
+"""ResNets for small images (the CIFAR variants).
 
-He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, adapted
-to 32x32 inputs as in https://github.com/kuangliu/pytorch-cifar (models/resnet.py):
-a 3x3 stride-1 stem with no max-pool, BasicBlocks in four stages with strides
-1, 2, 2, 2. Module names follow that repository so its checkpoints load.
-Global adaptive average pooling makes the network accept 28x28, 32x32 and 64x64
-inputs alike. `width` sets the channels of the first stage (64 in the paper);
-the stages use width, 2*width, 4*width, 8*width.
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016. ResNet-18 / ResNet-34 are adapted
+to 32x32 inputs as in https://github.com/kuangliu/pytorch-cifar (models/resnet.py): a 3x3 stride-1 stem
+with no max-pool, BasicBlocks in four stages with strides 1, 2, 2, 2; module names follow that repository
+so its checkpoints load. ResNet-20 / ResNet-32 are the paper's own CIFAR networks (its section 4.2): three
+stages of n BasicBlocks (depth 6n + 2) with 16, 32, 64 channels, the networks of the seed talk's papers
+(ADP's members are ResNet-20s; MMC and RCE report a "ResNet-32"). Where the channels change, the shortcut is
+a 1x1 conv-BN projection here, as in ResNet-18, where the paper padded with zeros (its option A) and the
+ADP authors' Keras ResNet-v1 used a 1x1 conv without BN: 2 752 parameters more than the paper's 0.27M.
+Global adaptive average pooling makes every network accept 28x28, 32x32 and 64x64 inputs alike. `width`
+sets the channels of the first stage (64 for ResNet-18/34, 16 for ResNet-20/32 in the paper); each later
+stage doubles them.
 """
 from typing import Sequence
 
@@ -44,19 +48,18 @@ class ResNet(nn.Module):
 
     def __init__(self, num_blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
-        if len(num_blocks) != 4:
-            raise ValueError(f"ResNet needs block counts for 4 stages, got {list(num_blocks)}")
+        if len(num_blocks) not in (3, 4):
+            raise ValueError(f"ResNet needs block counts for 3 or 4 stages, got {list(num_blocks)}")
         if width < 1:
             raise ValueError(f"ResNet width must be a positive integer, got {width}")
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
+        self.stages = len(num_blocks)
+        for index, blocks in enumerate(num_blocks):  # layer1 ... layer4, as in pytorch-cifar
+            setattr(self, f"layer{index + 1}", self._make_layer(width * 2 ** index, blocks, stride=1 if index == 0 else 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(8 * width, num_classes)
+        self.linear = nn.Linear(width * 2 ** (self.stages - 1), num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -67,7 +70,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for index in range(self.stages):
+            out = getattr(self, f"layer{index + 1}")(out)
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
@@ -79,3 +83,13 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Re
 def resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
     """ResNet-34: stages of [3, 4, 6, 3] BasicBlocks."""
     return ResNet([3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> ResNet:
+    """ResNet-20 (He et al. section 4.2, n = 3): stages of [3, 3, 3] BasicBlocks."""
+    return ResNet([3, 3, 3], num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def resnet32(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> ResNet:
+    """ResNet-32 (He et al. section 4.2, n = 5): stages of [5, 5, 5] BasicBlocks."""
+    return ResNet([5, 5, 5], num_classes=num_classes, in_channels=in_channels, width=width)

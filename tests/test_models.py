@@ -137,6 +137,32 @@ def test_full_size_parameter_counts():
     assert count_parameters(make("small-cnn", "mnist")) == 312_202
 
 
+def test_resnet20_and_resnet32_are_he_et_als_cifar_networks():
+    # He et al. 2016, section 4.2: 6n + 2 weighted layers in three stages of 16 / 32 / 64 channels. With zero-padding
+    # shortcuts ResNet-20 has 269 722 parameters and ResNet-32 464 154 (the paper's 0.27M and 0.46M); the two 1x1
+    # conv-BN projections add 16*32 + 2*32 + 32*64 + 2*64 = 2 752.
+    for arch, n, paper_count in (("resnet20", 3, 269_722), ("resnet32", 5, 464_154)):
+        model = make(arch, "cifar10", width=16)
+        assert count_parameters(model) == paper_count + 2_752, arch
+        convs = [m for m in model.net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert len(convs) + 1 == 6 * n + 2, arch  # the 3x3 convolutions and the final linear layer
+        assert [len(getattr(model.net, f"layer{i}")) for i in (1, 2, 3)] == [n, n, n] and not hasattr(model.net, "layer4")
+        assert [getattr(model.net, f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3)] == [16, 32, 64]
+        assert model.net.linear.in_features == 64
+    # ResNet-18 keeps its four stages and pytorch-cifar's state_dict keys
+    keys = make("resnet18", "cifar10", width=8).state_dict().keys()
+    assert "net.layer4.1.bn2.running_var" in keys and "net.linear.weight" in keys
+
+
+def test_width_defaults_to_the_papers_per_architecture():
+    import train_standard
+    parse = lambda *flags: train_standard.resolve_dataset_defaults(  # noqa: E731
+        train_standard.build_parser().parse_args(["--dataset", "cifar10", *flags]))
+    assert parse("--arch", "resnet20").width == 16 and parse("--arch", "resnet32").width == 16
+    assert parse("--arch", "resnet18").width == 64 and parse().width == 64
+    assert parse("--arch", "resnet20", "--width", "32").width == 32
+
+
 def test_full_size_forward():
     torch.manual_seed(0)
     for arch in ("resnet18", "wrn-34-10"):

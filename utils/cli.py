@@ -5,7 +5,7 @@ import sys
 from fractions import Fraction
 
 from defenses import HEAD_NAMES
-from models import ARCHITECTURES
+from models import ARCHITECTURES, DEFAULT_WIDTH
 from utils.attacks import NORMS
 from utils.checkpoint import checkpoint_in
 from utils.data import DATASETS
@@ -153,7 +153,9 @@ def add_model_args(parser):
     group = parser.add_argument_group("model")
     group.add_argument("--arch", choices=ARCHITECTURES, default=None,
                        help="default: resnet18 (paper); small-cnn on mnist / fashion-mnist")
-    group.add_argument("--width", type=positive_int, default=64, help="first-stage channels of the ResNets")
+    group.add_argument("--width", type=positive_int, default=None,
+                       help="first-stage channels of the ResNets (default: the papers' 64 for resnet18/34, 16 for "
+                            "resnet20/32)")
     group.add_argument("--depth", type=positive_int, default=34, help="depth of --arch wideresnet")
     group.add_argument("--widen-factor", type=positive_int, default=10, help="widen factor of --arch wideresnet")
     group.add_argument("--bn-stats", choices=BN_POLICIES, default=None,
@@ -277,6 +279,8 @@ def resolve_dataset_defaults(args):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None and hasattr(args, key):
             setattr(args, key, value)
+    if getattr(args, "width", 0) is None:
+        args.width = DEFAULT_WIDTH.get(args.arch, 64)
     if getattr(args, "norm", "") is None:
         args.norm = "linf"
     if getattr(args, "epsilon", 0) is None:
