@@ -15,6 +15,7 @@ from defenses import Head, head_for
 from defenses.adp import (DET_OFFSET, Ensemble, adp_loss, ensemble_entropy, ensemble_logits, log_ensemble_diversity,
                           member_outputs)
 from defenses.max_mahalanobis import MaxMahalanobisHead, max_mahalanobis_centers, mmc_loss
+from defenses.rce import rce_loss
 from models import build_model
 from models.estimators import build_estimators
 from tests.helpers import assert_one_line_error, run_script
@@ -248,7 +249,7 @@ def test_adversarial_step_of_an_ensemble_trains_on_its_members(monkeypatch):
     assert torch.allclose(logits_adv, model(crafted[0]), atol=1e-5), "the step must report the ensemble's logits"
 
 
-@pytest.mark.parametrize("head_name", ["mmc", "adp"])
+@pytest.mark.parametrize("head_name", ["mmc", "adp", "rce"])
 def test_namid_on_a_head_reads_its_logits_and_its_loss(head_name, monkeypatch):
     import utils.namid as namid_module
     torch.manual_seed(7)
@@ -272,6 +273,9 @@ def test_namid_on_a_head_reads_its_logits_and_its_loss(head_name, monkeypatch):
     assert torch.allclose(seen[0][0], model(x), atol=1e-4) and torch.allclose(seen[0][1], model(crafted[0]), atol=1e-4)
     if head_name == "mmc":
         expected = mmc_loss(model(crafted[0]), y)
+    elif head_name == "rce":  # the estimators and X' read -Z, the base loss is RCE on x~
+        assert torch.allclose(seen[0][0], -model.net.network(x), atol=1e-4)
+        expected = rce_loss(model(crafted[0]), y)
     else:
         with member_outputs(model):
             expected = adp_loss(model(crafted[0]), y, 2.0, 0.5) + adp_loss(model(x), y, 2.0, 0.5)
