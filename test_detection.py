@@ -12,14 +12,18 @@ the checkpoint's own training split (kernels) and validation split (thresholds a
       together: an example counts when its clean image is classified correctly and accepted and its adversarial
       is classified correctly or rejected; under the same attacks and under a detector-aware PGD attack.
 
-Writes results.json, results.csv, results.md and roc_<model>_<attack>.png into --out-dir.
+Writes results.json, results.csv, results.md and roc_<model>_<attack>.png into --out-dir. An interrupted run is
+continued with the same command plus --resume: every finished batch of every attack is kept in <out-dir>/progress
+(utils/eval_journal.py) and taken from there, so the results equal an uninterrupted run's.
 
 Example (Fashion-MNIST: a CE and an RCE SmallCNN, 1000 test images):
     python test_detection.py --checkpoints checkpoints/standard_fashion-mnist_small-cnn_natural_linf_seed0 \\
         checkpoints/standard_fashion-mnist_small-cnn_rce_natural_linf_seed0 --labels CE RCE --test-limit 1000
 """
 import csv
+import hashlib
 import io
+import json
 import re
 import shlex
 import sys
@@ -34,10 +38,12 @@ from tqdm import tqdm
 from defenses.detectors import (COMBINED, DEFAULT_SIGMA2, DETECTOR_LABELS, DETECTORS, detectors_path,
                                 load_or_fit_detectors, roc_points, settings_for)
 from utils.checkpoint import atomic_write_json, atomic_write_text
-from utils.cli import ArgumentParser, parse_evaluation_args, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.cli import (ArgumentParser, nonnegative_int, nonnegative_number, parse_evaluation_args, positive_int,
+                       positive_number)
 from utils.data import dataset_info, load_splits
-from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, attack_metrics, attack_outcome,
-                             build_detection_attacks, clean_outcome, study_columns)
+from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, attack_metrics,
+                             attack_outcome, build_detection_attacks, clean_outcome, study_columns)
+from utils.eval_journal import open_journals, remove_journal
 from utils.errors import UserError, run_main
 from utils.evaluation import attack_seed, sharded_loader
 from utils.run_warnings import RunWarnings
@@ -107,6 +113,13 @@ def build_parser():
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the test subset and every attack")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run with the same command: take the batches that <out-dir>/progress "
+                            "(a per-batch journal, written by every run) holds, when it was made with the same "
+                            "checkpoint, detector settings, attack settings and seed, test images, batch size, device "
+                            "type and package versions (else they are computed anew, with a warning). The journal is "
+                            "deleted once the evaluation completes; without --resume an earlier one is deleted at the "
+                            "start")
     return parser
 
 
@@ -248,6 +261,18 @@ def plot_roc(path, title, clean, adv, pairs):
     plt.close(figure)
 
 
+def journal_fingerprints(labels, settings, attacks, args, test_indices, device) -> dict:
+    """{(model index, attack name): everything that attack's batches on that model depend on, as JSON text}."""
+    indices = hashlib.sha256(json.dumps([int(i) for i in test_indices]).encode()).hexdigest()
+    return {(index, attack.name): json.dumps({
+        "evaluation": "test_detection.py", "version": 1, "label": label, "model_index": index,
+        "detectors": asdict(setting), "attack": attack.name, "settings": attack.settings,
+        "attack_seed": attack_seed(args.seed, attack.name), "test_images": len(indices), "test_indices_sha256": indices,
+        "batch_size": args.batch_size, "device": torch.device(device).type, "versions": package_versions()},
+        sort_keys=True, default=str)
+        for index, (label, setting) in enumerate(zip(labels, settings)) for attack in attacks}
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -296,8 +321,10 @@ def main(argv=None):
                "command": shlex.join([script, *argv]), "args": vars(args), "git_commit": git_commit(),
                "versions": package_versions(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "test_indices": list(splits.test.indices), "warnings": []}
+    journals = open_journals(out_dir, journal_fingerprints(labels, settings, attacks, args, splits.test.indices, device),
+                             args.resume, warnings.warn, DETECTION_BATCHES)
     records = []
-    for label, path, (model, checkpoint), setting in zip(labels, args.checkpoints, loaded, settings):
+    for index, (label, path, (model, checkpoint), setting) in enumerate(zip(labels, args.checkpoints, loaded, settings)):
         model.eval()
         progress = lambda loader, what: tqdm(loader, desc=f"{label}: {what}", leave=False, dynamic_ncols=True)  # noqa
         detectors, status = load_or_fit_detectors(model, checkpoint, path, setting, args.data_dir, device,
@@ -321,7 +348,10 @@ def main(argv=None):
         tqdm.write(f"{label}: clean {record['clean']['accuracy']:.2%}, test FPR "
                    + ", ".join(f"{n} {v:.3f}" for n, v in record["clean"]["fpr"].items()))
         for attack in attacks:
-            adv = attack_outcome(model, detectors, attack, batches(), device, attack_seed(args.seed, attack.name))
+            journal = journals[(index, attack.name)]
+            if journal.done:
+                tqdm.write(f"{label}: {ATTACK_LABELS[attack.name]}: {len(journal.done)} batches from the journal (--resume)")
+            adv = attack_outcome(model, detectors, attack, batches(), device, attack_seed(args.seed, attack.name), journal)
             record["attacks"][attack.name] = metrics = attack_metrics(test_labels, clean, adv)
             pairs = clean_correct & (adv.predicted != test_labels)
             png = f"roc_{slug(label)}_{attack.name}.png"
@@ -341,6 +371,7 @@ def main(argv=None):
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out_dir / "results.json", {**summary, "complete": True, "models": records,
                                                  "test_labels": test_labels.tolist()})
+    remove_journal(out_dir)  # complete: nothing left to resume
     atomic_write_text(out_dir / "results.csv", results_csv(records))
     markdown = results_markdown(summary, records, attacks)
     atomic_write_text(out_dir / "results.md", markdown)

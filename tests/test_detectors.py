@@ -210,6 +210,54 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
     assert json.loads((out / "warnings.json").read_text())["warnings"] == results["warnings"]
 
 
+def test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_results(checkpoints, fmnist_dir, tmp_path,
+                                                                                  monkeypatch):
+    import dataclasses
+    crafted, stop = [], {}
+    real = test_detection.build_detection_attacks
+
+    def counted(names, args, num_classes):
+        def wrap(attack):
+            def craft(model, detectors, x, y, generator):
+                crafted.append(attack.name)
+                if stop.get(attack.name) == crafted.count(attack.name):
+                    raise KeyboardInterrupt  # ctrl-C, or the session ending, inside that batch
+                return attack.craft(model, detectors, x, y, generator)
+            return dataclasses.replace(attack, craft=craft)
+        return [wrap(attack) for attack in real(names, args, num_classes)]
+
+    monkeypatch.setattr(test_detection, "build_detection_attacks", counted)
+    common = ["--checkpoints", str(checkpoints["rce"]), "--labels", "RCE", "--data-dir", str(fmnist_dir),
+              "--test-limit", "40", "--batch-size", "10", "--kd-kernels", "50", "--attacks", "fgsm", "aware",
+              "--aware-steps", "2", "--aware-targets", "1", "--device", "cpu"]
+    assert test_detection.main(common + ["--out-dir", str(tmp_path / "whole")]) == 0
+    assert crafted == ["fgsm"] * 4 + ["aware"] * 4 and not (tmp_path / "whole" / "progress").exists()
+    crafted.clear()
+    stop["aware"] = 3  # fgsm finished, two batches of aware journalled
+    with pytest.raises(KeyboardInterrupt):
+        test_detection.main(common + ["--out-dir", str(tmp_path / "cut")])
+    assert sorted(p.name for p in (tmp_path / "cut" / "progress" / "0").iterdir()) == ["aware.rank0.pt", "fgsm.rank0.pt"]
+    crafted.clear()
+    stop.clear()
+    assert test_detection.main(common + ["--out-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert crafted == ["aware"] * 2  # only the two batches the journal lacked
+    whole, cut = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "cut"))
+    strip = lambda attacks: {n: {k: v for k, v in a.items() if k != "seconds"} for n, a in attacks.items()}  # noqa
+    assert strip(cut["models"][0]["attacks"]) == strip(whole["models"][0]["attacks"])
+    assert cut["complete"] and not (tmp_path / "cut" / "progress").exists()
+    # a journal made with other settings (here the detectors' kernels) is not used: everything is attacked anew
+    crafted.clear()
+    stop["fgsm"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        test_detection.main(common + ["--out-dir", str(tmp_path / "other"), "--kd-kernels", "40"])
+    crafted.clear()
+    stop.clear()
+    assert test_detection.main(common + ["--out-dir", str(tmp_path / "other"), "--resume"]) == 0
+    assert crafted == ["fgsm"] * 4 + ["aware"] * 4
+    assert strip(json.loads((tmp_path / "other" / "results.json").read_text())["models"][0]["attacks"]) == \
+        strip(whole["models"][0]["attacks"])
+
+
 def test_a_checkpoint_with_an_mmc_head_is_one_clear_error(fmnist_dir, tmp_path):
     mmc = tmp_path / "mmc"
     train_standard.main(["--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--train-limit", "50",

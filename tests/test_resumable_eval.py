@@ -236,4 +236,7 @@ def test_reproduce_continues_an_interrupted_evaluation_with_resume(tmp_path, mon
     other = Task("seed0/eval-x", "eval", "test_mixup_inference.py", [], tmp_path / "x", 0)
     (other.run_dir / JOURNAL_FOLDER).mkdir(parents=True)
     assert task_state(other) == "fresh"
+    detection = Task("seed0/eval-y", "eval", "test_detection.py", [], tmp_path / "y", 0)  # test_detection.py has one
+    (detection.run_dir / JOURNAL_FOLDER).mkdir(parents=True)
+    assert task_state(detection) == "resume"
     assert sys.executable in commands[-1][0]

@@ -28,6 +28,7 @@ from defenses.detectors import COMBINED, DETECTORS, Detectors, model_scores, non
 from defenses.rce import logits_and_features
 from utils.advertorch_compat import advertorch_attacks
 from utils.attacks import PGDConfig, ascend, frozen_eval, pgd_attack, random_start, targeted_margin
+from utils.eval_journal import JournalCodec
 from utils.evaluation import batch_seed, isolated_rng
 
 JSMA_CHUNK = 16
@@ -241,13 +242,27 @@ def clean_outcome(model, detectors: Detectors, batches, device) -> Outcome:
     return _outcome(parts, time.perf_counter() - started)
 
 
-def attack_outcome(model, detectors: Detectors, attack: DetectionAttack, batches, device, seed: int) -> Outcome:
-    """Each batch attacked with its own seed (batch_seed) and the global RNG isolated."""
+# A journalled batch of test_detection.py --resume (utils/eval_journal.py): its index, seconds and part.
+DETECTION_BATCHES = JournalCodec(lambda item, seconds: {"index": item[0], "seconds": float(seconds), "part": item[1]},
+                                 lambda entry: entry["part"])
+
+
+def attack_outcome(model, detectors: Detectors, attack: DetectionAttack, batches, device, seed: int,
+                   journal=None) -> Outcome:
+    """Each batch attacked with its own seed (batch_seed) and the global RNG isolated, so that a batch's part is
+    the same in any run: one the journal (an AttackJournal with DETECTION_BATCHES) holds is taken from it, each
+    other is added to it. seconds: this run's plus the journalled batches'."""
     started = time.perf_counter()
     generator = torch.Generator(device=device)
-    parts = []
+    parts, journalled_seconds = [], 0.0
     with isolated_rng(seed, torch.device(device)):
         for index, (x, y) in batches:
+            if journal is not None and index in journal.done:
+                part, seconds = journal.done[index]
+                parts.append(part)
+                journalled_seconds += seconds
+                continue
+            batch_started = time.perf_counter()
             x, y = x.to(device), y.to(device)
             generator.manual_seed(batch_seed(seed, index))
             torch.manual_seed(batch_seed(seed, index))
@@ -257,7 +272,9 @@ def attack_outcome(model, detectors: Detectors, attack: DetectionAttack, batches
             part.update(target=None if target is None else target.cpu(), l2=difference.norm(dim=1).cpu(),
                         linf=difference.abs().amax(dim=1).cpu(), l0=(difference.abs() > 1e-6).sum(dim=1).cpu())
             parts.append(part)
-    return _outcome(parts, time.perf_counter() - started)
+            if journal is not None:
+                journal.record((int(index), part), time.perf_counter() - batch_started)
+    return _outcome(parts, time.perf_counter() - started + journalled_seconds)
 
 
 def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:

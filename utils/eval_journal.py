@@ -13,11 +13,17 @@ so a batch's outcome is the same whichever process or run computes it: a continu
 outcomes of every process's file, whatever the number of processes that wrote them, and its results equal an
 uninterrupted run's example for example. It takes them only from a journal whose fingerprint (fingerprint())
 equals its own; any other journal is ignored with one warning and removed.
+
+test_detection.py --resume keeps the same journal with its own batches (a JournalCodec: {"index", "seconds",
+"part"}, the part being utils/detection.py's per-batch predictions, scores and acceptances) and its own
+fingerprint.
 """
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -68,15 +74,28 @@ def _outcome(entry: dict) -> BatchOutcome:
                         entry["unthresholded_robust"], list(entry["notes"]), entry["predicted"], entry["labels"])
 
 
+@dataclass(frozen=True)
+class JournalCodec:
+    """What a journalled batch holds: encode(item, seconds) gives a dict of plain types and CPU tensors with
+    "index" and "seconds" (what torch.load(weights_only=True) reads back), decode(entry) the item again."""
+    encode: Callable
+    decode: Callable
+
+
+BATCH_OUTCOMES = JournalCodec(_entry, _outcome)  # test_comparison.py's: a BatchOutcome per batch
+
+
 class AttackJournal:
     """One attack on one model in this process: the journalled batches any process finished ({batch index:
-    (BatchOutcome, seconds)}), and this process's own file, to which record() adds each batch it finishes."""
+    (item, seconds)}, a BatchOutcome per batch by default), and this process's own file, to which record() adds
+    each batch it finishes."""
 
-    def __init__(self, path: Path, fingerprint_text: str, own: dict, done: dict):
-        self.path, self.fingerprint, self.own, self.done = path, fingerprint_text, dict(own), done
+    def __init__(self, path: Path, fingerprint_text: str, own: dict, done: dict, codec: JournalCodec = BATCH_OUTCOMES):
+        self.path, self.fingerprint, self.own, self.done, self.codec = path, fingerprint_text, dict(own), done, codec
 
-    def record(self, outcome: BatchOutcome, seconds: float):
-        self.own[int(outcome.index)] = _entry(outcome, seconds)
+    def record(self, item, seconds: float):
+        entry = self.codec.encode(item, seconds)
+        self.own[int(entry["index"])] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"format": JOURNAL_FORMAT, "fingerprint": self.fingerprint,
                            "batches": [self.own[index] for index in sorted(self.own)]}, self.path)
@@ -93,7 +112,7 @@ def _read(path: Path):
         return None
 
 
-def open_journals(out_dir, fingerprints: dict, resume: bool, warn) -> dict:
+def open_journals(out_dir, fingerprints: dict, resume: bool, warn, codec: JournalCodec = BATCH_OUTCOMES) -> dict:
     """{(model index, attack name): AttackJournal} for this process (a collective: every process calls it).
 
     Without resume, an earlier journal under out_dir is removed, so that it cannot leak into a later run. With
@@ -104,7 +123,7 @@ def open_journals(out_dir, fingerprints: dict, resume: bool, warn) -> dict:
         if distributed.is_main() and folder.exists():
             shutil.rmtree(folder)
         distributed.barrier()
-        return {key: AttackJournal(_path(folder, key, distributed.rank()), text, {}, {})
+        return {key: AttackJournal(_path(folder, key, distributed.rank()), text, {}, {}, codec)
                 for key, text in fingerprints.items()}
     journals, ignored = {}, []
     for key, text in fingerprints.items():
@@ -117,10 +136,10 @@ def open_journals(out_dir, fingerprints: dict, resume: bool, warn) -> dict:
                 ignored.append(path)
                 continue
             for index, entry in read[1].items():
-                done.setdefault(index, (_outcome(entry), entry["seconds"]))
+                done.setdefault(index, (codec.decode(entry), entry["seconds"]))
             if path == own_path:
                 own = read[1]
-        journals[key] = AttackJournal(own_path, text, own, done)
+        journals[key] = AttackJournal(own_path, text, own, done, codec)
     distributed.barrier()  # every process has read every file before any is removed
     if distributed.is_main():
         if ignored:

@@ -67,6 +67,7 @@ class Evaluator:
     rows: Callable[[dict], list]         # results.json -> the study's rows (see the module's docstring)
     note: str                            # what results.md says about the cells, after the spread across seeds
     curve: bool = False                  # whether the robust-accuracy-against-epsilon curve can run on its flags
+    journal: bool = False                # whether it keeps a per-batch journal that --resume continues
 
     @property
     def module(self):
@@ -75,7 +76,7 @@ class Evaluator:
 
 EVALUATORS = {
     "test_comparison.py": Evaluator(
-        "test_comparison.py", comparison_rows, curve=True,
+        "test_comparison.py", comparison_rows, curve=True, journal=True,
         note="the worst-case columns count an example only if it is correct when clean and survives every attack "
              "of its threat model (test_comparison.py)"),
     "test_mixup_inference.py": Evaluator(
@@ -86,7 +87,7 @@ EVALUATORS = {
              "(seed<s>/eval-<defense>/results.md, .json); the worst-case column counts an example only if it is "
              "correct when clean and under every attack of the table in the same repeat (test_mixup_inference.py)"),
     "test_detection.py": Evaluator(
-        "test_detection.py", detection_rows,
+        "test_detection.py", detection_rows, journal=True,
         note="the AUC columns are the RCE paper's protocol (Pang et al., NeurIPS 2018): the ROC AUC x 100 (its "
              "x10^-2) of a score (conf.: confidence, non-ME, K-dens.: K-density), clean test images classified "
              "correctly against their adversarials that are misclassified, a seed without such a pair left out of "

@@ -346,9 +346,9 @@ class Task:
 
     @property
     def has_eval_journal(self) -> bool:
-        """An interrupted test_comparison.py evaluation: its run folder holds the per-batch journal
-        (utils/eval_journal.py), which --resume continues."""
-        return (self.kind in ("eval", "curve") and Path(self.script).name == "test_comparison.py"
+        """An interrupted evaluation by a script that keeps a per-batch journal (utils/eval_journal.py;
+        test_comparison.py, test_detection.py): its run folder holds it, which --resume continues."""
+        return (self.kind in ("eval", "curve") and evaluator(Path(self.script).name).journal
                 and (self.run_dir / "progress").is_dir())
 
     @property
