@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import atomic_write_json, atomic_write_text, checkpoint_in
-from utils.cli import ArgumentParser, parse_evaluation_args, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, nonnegative_int, nonnegative_number,
+                       parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
 from utils.eval_journal import checkpoint_identity, fingerprint, open_journals, remove_journal
@@ -62,12 +63,10 @@ HEAD_LABELS = {"mm-lda": "MM-LDA", "mmc": "MMC", "adp": "ADP", "rce": "RCE"}
 def build_parser():
     parser = ArgumentParser(description="Stage 4: robust accuracy of checkpoints under the paper's attacks "
                                         "(Table 1 layout), written to results.json / .csv / .md.")
-    group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
-                       help="best.pt / last.pt files of any stage, or run folders (their best.pt), all of one "
-                            "dataset; a row each")
-    group.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                       help="row labels, one per checkpoint (default: the defense, e.g. 'Standard AT', 'NAMID-T')")
+    group = add_checkpoints_to_evaluate(
+        parser, "best.pt / last.pt files of any stage, or run folders (their best.pt), all of one "
+             "dataset; a row each",
+        "row labels, one per checkpoint (default: the defense, e.g. 'Standard AT', 'NAMID-T')")
     group.add_argument("--attacks", nargs="+", choices=ATTACK_NAMES, default=None, metavar="ATTACK",
                        help=f"any of: {', '.join(ATTACK_NAMES)} (default: the paper's white-box attacks, "
                             f"{' '.join(WHITE_BOX_ATTACKS)}, plus transfer when --surrogate is given; the adaptive "

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from defenses.detectors import (COMBINED, DEFAULT_SIGMA2, DETECTOR_LABELS, DETECTORS, detectors_path,
                                 load_or_fit_detectors, roc_points, settings_for)
 from utils.checkpoint import atomic_write_json, atomic_write_text
-from utils.cli import (ArgumentParser, nonnegative_int, nonnegative_number, parse_evaluation_args, positive_int,
-                       positive_number)
+from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, nonnegative_int, nonnegative_number,
+                       parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, attack_metrics,
                              attack_outcome, build_detection_attacks, clean_outcome, study_columns)
@@ -56,11 +56,9 @@ def build_parser():
                                         "authors' AUC table and accuracy with rejection at a fixed clean FPR, under "
                                         "their attacks and a detector-aware attack; results.json / .csv / .md and "
                                         "ROC curves in --out-dir.")
-    group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
-                       help="best.pt / last.pt of softmax or rce models (or run folders: their best.pt), one dataset")
-    group.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                       help="one label per checkpoint (default: CE or RCE and the run folder's name)")
+    group = add_checkpoints_to_evaluate(
+        parser, "best.pt / last.pt of softmax or rce models (or run folders: their best.pt), one dataset",
+        "one label per checkpoint (default: CE or RCE and the run folder's name)")
     group.add_argument("--attacks", nargs="+", choices=DETECTION_ATTACKS, default=list(DETECTION_ATTACKS),
                        metavar="ATTACK", help=f"any of: {', '.join(DETECTION_ATTACKS)}")
     group.add_argument("--out-dir", default=None, help="default checkpoints/detection_<dataset>_seed<seed>")

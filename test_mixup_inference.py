@@ -43,7 +43,8 @@ from defenses.mixup_inference import (DEFAULT_PARTNERS, MODES, POOL_SOURCES, Mix
 from test_comparison import check_one_dataset, defense_label, load_models, prepare_out_dir, unique_labels
 from utils.attacks import PGDConfig, frozen_eval, perturbation_norms, pgd_attack
 from utils.checkpoint import atomic_write_json, atomic_write_text
-from utils.cli import ArgumentParser, parse_evaluation_args, mixing_lambda, nonnegative_int, nonnegative_number, positive_int, positive_number
+from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, mixing_lambda, nonnegative_int, nonnegative_number,
+                       parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
 from utils.evaluation import (attack_seed, autoattack_class, autoattack_log, autoattack_module, batch_seed,
@@ -61,12 +62,10 @@ def build_parser():
     parser = ArgumentParser(description="Mixup inference (pl / ol / combined) around checkpoints: clean accuracy and "
                                         "robust accuracy under the oblivious PGD, EOT-PGD through the wrapper and "
                                         "AutoAttack 'rand', mean +- std over repeated evaluations.")
-    group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
-                       help="best.pt / last.pt files of any stage (mixup, IAT, Standard AT, NAMID...), or run folders "
-                            "(their best.pt), all of one dataset")
-    group.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                       help="one label per checkpoint (default: the defense it was trained with)")
+    group = add_checkpoints_to_evaluate(
+        parser, "best.pt / last.pt files of any stage (mixup, IAT, Standard AT, NAMID...), or run folders "
+             "(their best.pt), all of one dataset",
+        "one label per checkpoint (default: the defense it was trained with)")
     group.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), metavar="ATTACK",
                        help=f"any of {', '.join(ATTACKS)} (default: all)")
     group.add_argument("--out-dir", default=None,

@@ -295,6 +295,15 @@ def resolve_dataset_defaults(args):
     return args
 
 
+def add_checkpoints_to_evaluate(parser, checkpoints_help: str, labels_help: str):
+    """The evaluation scripts' "what to evaluate" group with --checkpoints and --labels (parse_evaluation_args
+    checks them); the script adds its own flags to the group it returns."""
+    group = parser.add_argument_group("what to evaluate")
+    group.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=checkpoints_help)
+    group.add_argument("--labels", nargs="+", default=None, metavar="LABEL", help=labels_help)
+    return group
+
+
 def parse_evaluation_args(parser, argv, script: str):
     """The evaluation scripts' common start: parse, one --labels entry per checkpoint, and each run folder
     given to --checkpoints replaced by the best.pt it holds."""
