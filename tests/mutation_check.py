@@ -220,6 +220,26 @@ MUTATIONS = {
     "eval-journal-ignores-its-fingerprint": (
         "utils/eval_journal.py", "            if read is None or read[0] != text:", "            if read is None:",
         ["tests/test_resumable_eval.py::test_a_journal_made_with_other_settings_is_not_used"]),
+    # test_detection.py --resume, provenance of resumed runs and studies, NAMID on RCE, He et al.'s ResNets
+    "detection-journal-never-read": (
+        "utils/detection.py", "            if journal is not None and index in journal.done:",
+        "            if False:",
+        ["tests/test_detectors.py::test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_results"]),
+    "detection-journal-blind-to-the-detectors": (
+        "test_detection.py", '"detectors": asdict(setting), ', "",
+        ["tests/test_detectors.py::test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_results"]),
+    "resumed-training-leaves-no-record": (
+        "utils/training.py", "            self.run_dir.record_resume(self.start_epoch)\n", "",
+        ["tests/test_train_standard.py::test_sigkill_then_resume_finishes_the_run"]),
+    "study-commits-ignore-resumptions": (
+        "utils/study.py", ' + [resume.get("git_commit") for resume in record.get("resumes", [])]', "",
+        ["tests/test_reproduce.py::test_a_study_run_by_several_commits_names_the_stages_of_each"]),
+    "namid-on-rce-trains-on-ce": (
+        "defenses/__init__.py", "        if self.name == \"rce\":\n            return rce_loss(outputs, y)\n", "",
+        ["tests/test_defenses.py::test_namid_on_a_head_reads_its_logits_and_its_loss[rce]"]),
+    "resnet20-at-resnet18-width": (
+        "models/__init__.py", 'DEFAULT_WIDTH = {"resnet20": 16, "resnet32": 16}', "DEFAULT_WIDTH = {}",
+        ["tests/test_models.py::test_width_defaults_to_the_papers_per_architecture"]),
 }
 
 
