@@ -240,6 +240,13 @@ MUTATIONS = {
     "resnet20-at-resnet18-width": (
         "models/__init__.py", 'DEFAULT_WIDTH = {"resnet20": 16, "resnet32": 16}', "DEFAULT_WIDTH = {}",
         ["tests/test_models.py::test_width_defaults_to_the_papers_per_architecture"]),
+    "paired-discordant-counts-every-baseline-success": (
+        "utils/paired.py", "    only_second = sum(b and not a for a, b in zip(first, second))",
+        "    only_second = sum(b for a, b in zip(first, second))",
+        ["tests/test_paired.py::test_mcnemar_exact_p_values_by_hand"]),
+    "namid-t-paired-with-standard-at": (
+        "utils/pipeline.py", 'baseline="trades"),', "),",
+        ["tests/test_paired.py::test_the_study_pairs_each_namid_row_with_its_baseline_per_seed"]),
 }
 
 

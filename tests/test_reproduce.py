@@ -207,6 +207,15 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
     from utils.runtime import git_commit
     assert len(results["stage_commits"]) == 7 and all(made_by == [git_commit()] for made_by in results["stage_commits"].values())
     assert f"Code: every stage ran at commit {git_commit()}." in markdown
+    # NAMID against Standard AT on the same images: the per-example difference is the table's difference
+    [pair] = results["paired"]
+    assert (pair["defense"], pair["baseline"]) == ("namid", "standard-at") and set(pair["columns"]) == set(
+        results["cells"]["namid"])
+    for column, summary in pair["columns"].items():
+        cells = results["cells"]
+        assert summary["seeds"]["0"]["difference"] == pytest.approx(
+            cells["namid"][column]["mean"] - cells["standard-at"][column]["mean"], abs=1e-6), column
+    assert "| NAMID − Standard AT | None | PGD-5 | Worst L-inf | PGD-5 (L2) | Worst L2 |" in markdown
     for stage in ("standard-at", "only-max", "namid", "eval-namid", "curve-eps0.05"):
         assert (out / "seed0" / stage / MARKER).is_file(), stage
         events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))

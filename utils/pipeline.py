@@ -59,10 +59,11 @@ class Defense:
     flags: tuple    # what makes this defense, e.g. ("--loss", "trades")
     estimators: str = None  # the stage-2 run it needs
     target: str = None      # with estimators: the stage-1 defense whose best.pt that run is trained on
+    baseline: str = None    # a NAMID row: the stage-1 defense it is compared with, per example (utils/paired.py)
 
 
-def _namid(label, flags, estimators="estimators", target=DEFAULT_TARGET):
-    return Defense(label, "namid", flags, estimators, target)
+def _namid(label, flags, estimators="estimators", target=DEFAULT_TARGET, baseline=None):
+    return Defense(label, "namid", flags, estimators, target, baseline or target)
 
 
 # ADP ensembles: alpha (entropy) and beta (log diversity) written out, as the labels name them.
@@ -71,9 +72,9 @@ DEFENSES = {
     "standard-at": Defense("Standard AT", "standard", ("--loss", "at")),
     "namid": _namid("NAMID", ("--base-loss", "at")),
     "trades": Defense("TRADES", "standard", ("--loss", "trades")),
-    "namid-t": _namid("NAMID-T", ("--base-loss", "trades")),
+    "namid-t": _namid("NAMID-T", ("--base-loss", "trades"), baseline="trades"),
     "mart": Defense("MART", "standard", ("--loss", "mart")),
-    "namid-m": _namid("NAMID-M", ("--base-loss", "mart")),
+    "namid-m": _namid("NAMID-M", ("--base-loss", "mart"), baseline="mart"),
     "wmim": _namid("WMIM", ("--mi-mode", "wmim"), "only-max"),
     # the seed talk's defenses: softmax cross-entropy and the Max-Mahalanobis heads, trained naturally or with AT
     "sce": Defense("SCE", "standard", ("--loss", "natural")),
@@ -107,6 +108,7 @@ for _name, _spec in DEFENSES.items():  # stage 3 reads estimators trained on a s
     assert (_spec.section == "namid") == (_spec.estimators is not None) == (_spec.target is not None), _name
     assert _spec.target is None or DEFENSES[_spec.target].section == "standard", _name
     assert _spec.estimators in (None, *ESTIMATOR_RUNS), _name
+    assert _spec.baseline is None or DEFENSES[_spec.baseline].section == "standard", _name
 
 
 def estimator_run_name(run: str, target: str) -> str:

@@ -13,7 +13,9 @@ import numpy
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import number
 from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_informativeness, verdict_line
-from utils.evaluators import evaluator
+from utils.evaluation import row_accuracies
+from utils.evaluators import DEFAULT_EVAL_SCRIPT, evaluator
+from utils.paired import mcnemar_p, paired_counts, per_example_flags
 from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, eval_script, variant_column
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
 from utils.run_warnings import read_warnings
@@ -158,6 +160,81 @@ def comparison(config: dict, tasks: list) -> dict:
             cells[key] = {column: cell_stats([seeds[s][column] for s in sorted(seeds) if column in seeds[s]])
                           for column, _ in columns if any(column in row for row in seeds.values())}
     return {"columns": columns, "rows": rows, "cells": cells, "test_images": sorted(test_images)}
+
+
+def paired_comparisons(config: dict, tasks: list, columns: list) -> list:
+    """Each NAMID row against its baseline (Defense.baseline), when the preset trains both and test_comparison.py
+    evaluates them: per table column and seed, the difference of accuracy on the same test images and McNemar's p
+    (utils/paired.py); over seeds, the mean and std of the differences and the test on every seed's images pooled."""
+    if eval_script(config) != DEFAULT_EVAL_SCRIPT:  # the other evaluation scripts keep no per-example flags
+        return []
+    evals = {(task.defense, task.variant, task.seed): task for task in tasks if task.kind == "eval"}
+    pairs = []
+    for defense in config["defenses"]:
+        baseline = DEFENSES[defense].baseline
+        if baseline not in config["defenses"]:
+            continue
+        per_column = {}
+        for (name, variant, seed), task in evals.items():
+            other = evals.get((baseline, variant, seed))
+            if name != defense or other is None:
+                continue
+            try:
+                mine, theirs = (_read_json(t.run_dir / "results.json") for t in (task, other))
+            except (OSError, ValueError):  # not evaluated yet
+                continue
+            if mine["test_indices"] != theirs["test_indices"]:
+                continue
+            first, second = mine["models"][0], theirs["models"][0]
+            for key in row_accuracies(first).keys() & row_accuracies(second).keys():
+                try:
+                    counts = paired_counts(per_example_flags(first, key), per_example_flags(second, key))
+                except KeyError:  # a column without per-example flags
+                    continue
+                per_column.setdefault(variant_column(variant, key), {})[seed] = counts
+        if per_column:
+            pairs.append({"defense": defense, "baseline": baseline,
+                          "label": f"{DEFENSES[defense].label} − {DEFENSES[baseline].label}",
+                          "columns": {column: paired_summary(per_column[column])
+                                      for column, _ in columns if column in per_column}})
+    return pairs
+
+
+def paired_summary(per_seed: dict) -> dict:
+    differences = [per_seed[seed]["difference"] for seed in sorted(per_seed)]
+    only_first = sum(counts["only_first"] for counts in per_seed.values())
+    only_second = sum(counts["only_second"] for counts in per_seed.values())
+    return {"seeds": {str(seed): per_seed[seed] for seed in sorted(per_seed)}, "mean": statistics.fmean(differences),
+            "std": statistics.stdev(differences) if len(differences) > 1 else None,
+            "pooled": {"only_first": only_first, "only_second": only_second, "p": mcnemar_p(only_first, only_second)}}
+
+
+def paired_markdown(pairs: list, columns: list) -> list:
+    if not pairs:
+        return []
+    lines = ["## Each NAMID row against its baseline, on the same test images", "",
+             "Difference of accuracy in points (the NAMID row's minus its baseline's) per seed, with the exact McNemar "
+             "p-value on the images where exactly one of the two is right (utils/paired.py); then the mean ± std of "
+             "the seeds' differences (the training noise) and McNemar's test on every seed's images pooled (the "
+             "test set's noise). An effect is established only if it clears both.", ""]
+    for pair in pairs:
+        shown = [(key, header) for key, header in columns if key in pair["columns"]]
+        cells = pair["columns"]
+        seeds = sorted({seed for cell in cells.values() for seed in cell["seeds"]}, key=int)
+        lines += [f"| {pair['label']} | " + " | ".join(header for _, header in shown) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * len(shown)) + "|"]
+        for seed in seeds:
+            lines.append(f"| seed {seed} | " + " | ".join(
+                f"{100 * c['difference']:+.2f} (p {c['p']:.2g})" if (c := cells[key]["seeds"].get(seed)) else "-"
+                for key, _ in shown) + " |")
+        lines.append("| mean ± std over seeds | " + " | ".join(
+            f"{100 * cells[key]['mean']:+.2f}" + ("" if cells[key]["std"] is None else f" ± {100 * cells[key]['std']:.2f}")
+            for key, _ in shown) + " |")
+        lines.append("| pooled: right for the NAMID row only / the baseline only | " + " | ".join(
+            f"{cells[key]['pooled']['only_first']} / {cells[key]['pooled']['only_second']} "
+            f"(p {cells[key]['pooled']['p']:.2g})" for key, _ in shown) + " |")
+        lines.append("")
+    return lines
 
 
 def stage_warnings(tasks: list) -> list:
@@ -318,6 +395,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
     """results.md/.csv/.json and the figures in `out`; returns what the closing summary prints: the caption,
     the markdown table and every stage's warnings."""
     table = comparison(config, tasks)
+    pairs = paired_comparisons(config, tasks, table["columns"])
     warnings = stage_warnings(tasks)
     commits = stage_commits(tasks)
     dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
@@ -352,7 +430,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
-             f"{invocation['machine']}.", "", commits_line(commits), "",
+             f"{invocation['machine']}.", "", commits_line(commits), "", *paired_markdown(pairs, table["columns"]),
              "## The MI estimators (stage 2, test split)", "",
              *(estimator_verdicts(tasks) or ["none"]), "",
              f"## {reference_table(config)['title']}", "", paper_markdown(reference_table(config)),
@@ -367,5 +445,5 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         "rows": table["rows"], "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds,
-        "stage_commits": commits, "invocation": invocation})
+        "stage_commits": commits, "paired": pairs, "invocation": invocation})
     return {"caption": caption, "table": markdown_table, "warnings": warnings}
