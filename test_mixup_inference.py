@@ -19,7 +19,9 @@ The wrapper's accuracies are mean +- std (sample standard deviation) over --repe
 own partner seed; the attacks that depend on the wrapper are re-run per repeat, the oblivious adversarials
 (crafted on f) are crafted once and classified anew. Partners come from the checkpoint's validation split
 (rebuilt from its saved --val-size / --train-limit / --seed), never from the test set. Writes results.json,
-results.csv and results.md into --out-dir.
+results.csv and results.md into --out-dir. An interrupted run is continued with the same command plus --resume:
+every finished pass (one repeat of one metric on one row) is kept in <out-dir>/progress (utils/eval_journal.py)
+and taken from there, so the results equal an uninterrupted run's.
 
 Example (Fashion-MNIST, a mixup-trained SmallCNN, 100 test images, CPU-sized attacks):
     python test_mixup_inference.py --checkpoints checkpoints/standard_fashion-mnist_small-cnn_mixup_linf_seed0 \\
@@ -27,7 +29,9 @@ Example (Fashion-MNIST, a mixup-trained SmallCNN, 100 test images, CPU-sized att
 """
 import argparse
 import csv
+import hashlib
 import io
+import json
 import shlex
 import statistics
 import sys
@@ -47,6 +51,7 @@ from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, mixing_lambd
                        parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.errors import UserError, run_main
+from utils.eval_journal import JournalCodec, checkpoint_identity, open_journals, remove_journal
 from utils.evaluation import (attack_seed, autoattack_class, autoattack_log, autoattack_module, batch_seed,
                               isolated_rng, seed_batch)
 from utils.losses import MIXUP_LOSSES
@@ -133,6 +138,12 @@ def build_parser():
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="the models in channels_last memory format (float rounding only). Default: as "
                             "test_comparison.py, on with CUDA and on the CPU for small-cnn, off otherwise")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run with the same command: take every finished pass (one repeat "
+                            "of one metric on one row) that <out-dir>/progress holds, when it was made with the same "
+                            "checkpoint and settings, test images, device type and package versions (else it is "
+                            "evaluated anew, with a warning). The journal is deleted once the evaluation completes; "
+                            "without --resume an earlier one is deleted at the start")
     return parser
 
 
@@ -274,8 +285,22 @@ def summarise(values: list) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "repeats": len(values)}
 
 
-def evaluate_rows(base, pool, args, batches, device, notes: list, label: str) -> list:
-    """The base model's row and one row per mode: {metric: summary} with each attack's seconds."""
+def pass_key(mode, metric: str) -> str:
+    """A journal's name for one evaluation pass (every repeat of a metric on a row): e.g. base-clean, ol-eot-pgd."""
+    return f"{mode or 'base'}-{metric}"
+
+
+# A journalled pass of --resume (utils/eval_journal.py): its repeat, per-image correctness, the budget extremes its
+# adversarials reached, AutoAttack's notes and its seconds.
+MIXUP_PASSES = JournalCodec(
+    lambda item, seconds: {"index": item[0], "correct": item[1], "budget": item[2], "notes": list(item[3]),
+                           "seconds": float(seconds)},
+    lambda entry: (entry["correct"], entry["budget"], list(entry["notes"])))
+
+
+def evaluate_rows(base, pool, args, batches, device, notes: list, label: str, journals=None) -> list:
+    """The base model's row and one row per mode: {metric: summary} with each attack's seconds. journals: {pass
+    key: AttackJournal} of this model (--resume), whose passes are taken instead of evaluated again."""
     pgd = PGDConfig("linf", args.epsilon, args.pgd_step_size, args.pgd_steps)
     crafts = {"oblivious": oblivious_craft(base, pgd),
               "eot-pgd": lambda samples: eot_pgd_craft(args.epsilon, args.eot_step_size, args.eot_steps, samples),
@@ -283,11 +308,30 @@ def evaluate_rows(base, pool, args, batches, device, notes: list, label: str) ->
     budget = {"max_linf": 0.0, "min_pixel": 0.0, "max_pixel": 1.0}
     oblivious_cache = []
 
-    def run(row_label, predictor, wrapper, repeats):
+
+    def run(row_label, predictor, wrapper, repeats, mode=None):
         metrics, seconds, correct = {}, {}, {}
+
+        def take_pass(name, flags, pass_budget, pass_notes):
+            """One repeat of a metric, evaluated now or taken from the journal."""
+            correct.setdefault(name, []).append(flags)
+            if pass_budget is not None:
+                budget["max_linf"] = max(budget["max_linf"], pass_budget["max_linf"])
+                budget["min_pixel"] = min(budget["min_pixel"], pass_budget["min_pixel"])
+                budget["max_pixel"] = max(budget["max_pixel"], pass_budget["max_pixel"])
+            notes.extend(note for note in pass_notes if note not in notes)
+
         for name in ["clean"] + args.attacks:
-            values, started = [], time.perf_counter()
+            values, started, journalled_seconds = [], time.perf_counter(), 0.0
+            journal = (journals or {}).get(pass_key(mode, name))
             for repeat in range(repeats):
+                if journal is not None and repeat in journal.done:
+                    (flags, pass_budget, pass_notes), pass_seconds = journal.done[repeat]
+                    journalled_seconds += pass_seconds
+                    take_pass(name, flags, pass_budget, pass_notes)
+                    values.append(accuracy(flags))
+                    continue
+                pass_started = time.perf_counter()
                 seed = attack_seed(args.seed, name if wrapper is None else f"{name}/repeat{repeat}")
                 wrapper_seed = attack_seed(args.seed, f"mixup-inference/repeat{repeat}")
                 desc = f"{label}: {row_label}: {name} ({repeat + 1}/{repeats})"
@@ -298,12 +342,18 @@ def evaluate_rows(base, pool, args, batches, device, notes: list, label: str) ->
                          }[name]
                 if name == "oblivious":
                     seed = attack_seed(args.seed, "oblivious")  # crafted on f once, classified per repeat
-                correct.setdefault(name, []).append(evaluate_once(
-                    predictor, craft, batches, device, seed, wrapper, wrapper_seed,
-                    cache=oblivious_cache if name == "oblivious" else None, desc=desc,
-                    budget=None if craft is None else budget))
-                values.append(accuracy(correct[name][-1]))
-            metrics[name], seconds[name] = summarise(values), round(time.perf_counter() - started, 2)
+                pass_budget = None if craft is None else {"max_linf": 0.0, "min_pixel": 0.0, "max_pixel": 1.0}
+                noted = len(notes)
+                flags = evaluate_once(predictor, craft, batches, device, seed, wrapper, wrapper_seed,
+                                      cache=oblivious_cache if name == "oblivious" else None, desc=desc,
+                                      budget=pass_budget)
+                pass_notes = notes[noted:]
+                if journal is not None:
+                    journal.record((repeat, flags, pass_budget, pass_notes), time.perf_counter() - pass_started)
+                take_pass(name, flags, pass_budget, pass_notes)
+                values.append(accuracy(flags))
+            metrics[name] = summarise(values)
+            seconds[name] = round(time.perf_counter() - started + journalled_seconds, 2)
         metrics["worst"] = summarise(worst_case(correct))
         for name in metrics:
             shown = f"{metrics[name]['mean']:.2%}" + (f" +- {metrics[name]['std']:.2%}" if repeats > 1 else "")
@@ -314,7 +364,7 @@ def evaluate_rows(base, pool, args, batches, device, notes: list, label: str) ->
     for mode in args.modes:
         config = config_for(mode, args)
         wrapper = MixupInference(base, pool, config).eval()
-        rows.append(dict(run(f"mixup inference ({mode})", wrapper, wrapper, args.repeats), mode=mode,
+        rows.append(dict(run(f"mixup inference ({mode})", wrapper, wrapper, args.repeats, mode), mode=mode,
                          settings=config.describe()))
     for row in rows:
         row["budget"] = dict(budget)
@@ -416,6 +466,26 @@ def sanity_warnings(label: str, checkpoint: dict, rows: list, epsilon: float) ->
     return found
 
 
+# Flags a journalled pass does not depend on: a pass is one repeat of one metric on one row, seeded by its repeat
+JOURNAL_FREE_FLAGS = {"resume", "out_dir", "device", "checkpoints", "labels", "repeats", "modes", "attacks"}
+
+
+def journal_fingerprints(labels, paths, loaded, args, test_indices, device) -> dict:
+    """{(model index, pass key): what that pass depends on, as JSON text}."""
+    settings = {key: value for key, value in sorted(vars(args).items()) if key not in JOURNAL_FREE_FLAGS}
+    indices = hashlib.sha256(json.dumps([int(i) for i in test_indices]).encode()).hexdigest()
+    fingerprints = {}
+    for index, (label, path, (_, checkpoint)) in enumerate(zip(labels, paths, loaded)):
+        for mode in [None] + args.modes:
+            for metric in ["clean"] + args.attacks:
+                fingerprints[(index, pass_key(mode, metric))] = json.dumps({
+                    "evaluation": "test_mixup_inference.py", "version": 1, "checkpoint_sha256": checkpoint_identity(path),
+                    "label": label, "model_index": index, "pass": pass_key(mode, metric), "settings": settings,
+                    "channels_last": bool(checkpoint["channels_last"]), "test_indices_sha256": indices,
+                    "device": torch.device(device).type, "versions": package_versions()}, sort_keys=True, default=str)
+    return fingerprints
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     script = Path(__file__).name
@@ -463,9 +533,12 @@ def main(argv=None):
     records, notes = [], []
     columns = [(key, title) for key, title in column_headers(args) if key in ("clean", "worst") or key in args.attacks]
     summary["columns"] = [{"key": key, "header": title} for key, title in columns]
-    for label, path, (model, checkpoint), pool in zip(labels, args.checkpoints, loaded, pools):
+    journals = open_journals(out_dir, journal_fingerprints(labels, args.checkpoints, loaded, args, splits.test.indices,
+                                                          device), args.resume, warnings.warn, MIXUP_PASSES)
+    for index, (label, path, (model, checkpoint), pool) in enumerate(zip(labels, args.checkpoints, loaded, pools)):
         config = checkpoint.get("config") or {}
-        rows = evaluate_rows(model, pool, args, batches, device, notes, label)
+        rows = evaluate_rows(model, pool, args, batches, device, notes, label,
+                             {key: journal for (model_index, key), journal in journals.items() if model_index == index})
         records.append({"label": label, "checkpoint": str(path), "defense": defense_label(checkpoint, path),
                         "stage": checkpoint.get("stage"), "epoch": checkpoint.get("epoch"),
                         "channels_last": checkpoint["channels_last"],
@@ -482,6 +555,7 @@ def main(argv=None):
         summary["warnings"].append(note)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out_dir / "results.json", {**summary, "complete": True, "models": records})
+    remove_journal(out_dir)  # complete: nothing left to resume
     atomic_write_text(out_dir / "results.csv", results_csv(records, columns))
     markdown = results_markdown(summary, records, columns)
     atomic_write_text(out_dir / "results.md", markdown)

@@ -247,6 +247,13 @@ MUTATIONS = {
     "namid-t-paired-with-standard-at": (
         "utils/pipeline.py", 'baseline="trades"),', "),",
         ["tests/test_paired.py::test_the_study_pairs_each_namid_row_with_its_baseline_per_seed"]),
+    "mixup-inference-journal-never-read": (
+        "test_mixup_inference.py", "                if journal is not None and repeat in journal.done:",
+        "                if False:",
+        ["tests/test_mixup.py::test_an_interrupted_mixup_inference_evaluation_resumes_to_the_uninterrupted_results"]),
+    "mixup-inference-journal-blind-to-the-settings": (
+        "test_mixup_inference.py", '"pass": pass_key(mode, metric), "settings": settings,', '"pass": pass_key(mode, metric),',
+        ["tests/test_mixup.py::test_an_interrupted_mixup_inference_evaluation_resumes_to_the_uninterrupted_results"]),
 }
 
 

@@ -365,6 +365,45 @@ def test_test_mixup_inference_end_to_end(mixup_run, fmnist_dir, tmp_path):
     assert [r["metrics"] for r in rows_again] == [r["metrics"] for r in record["rows"]]
 
 
+def test_an_interrupted_mixup_inference_evaluation_resumes_to_the_uninterrupted_results(mixup_run, fmnist_dir,
+                                                                                         tmp_path, monkeypatch):
+    script, calls, stop = test_mixup_inference, [], {}
+    real = script.evaluate_once
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if stop.get("at") == len(calls):
+            raise KeyboardInterrupt  # ctrl-C, or the session ending, inside that pass
+        return real(*args, **kwargs)
+    monkeypatch.setattr(script, "evaluate_once", counted)
+    argv = ["--checkpoints", str(mixup_run), "--data-dir", str(fmnist_dir), "--modes", "ol", "--attacks", "oblivious",
+            "eot-pgd", "--test-limit", "20", "--batch-size", "10", "--repeats", "2", "--partners", "3",
+            "--pgd-steps", "2", "--eot-steps", "2", "--eot-samples", "2", "--device", "cpu"]
+    assert script.main(argv + ["--out-dir", str(tmp_path / "whole")]) == 0
+    assert len(calls) == 3 + 3 * 2 and not (tmp_path / "whole" / "progress").exists()  # base: 3 passes; OL: 3 x 2
+    calls.clear()
+    stop["at"] = 6  # the base row and OL's two clean passes done; the first oblivious pass through OL interrupted
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv + ["--out-dir", str(tmp_path / "cut")])
+    calls.clear()
+    stop.clear()
+    assert script.main(argv + ["--out-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert len(calls) == 4 and all("mixup inference (ol)" in desc for desc in calls)
+    whole, cut = (json.loads((tmp_path / name / "results.json").read_text())["models"][0]["rows"]
+                  for name in ("whole", "cut"))
+    assert [(r["metrics"], r["budget"]) for r in cut] == [(r["metrics"], r["budget"]) for r in whole]
+    assert not (tmp_path / "cut" / "progress").exists()
+    # other settings (here EOT's samples): the journal is not used, every pass is evaluated anew
+    calls.clear()
+    stop["at"] = 5
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv + ["--out-dir", str(tmp_path / "other"), "--eot-samples", "1"])
+    calls.clear()
+    stop.clear()
+    assert script.main(argv + ["--out-dir", str(tmp_path / "other"), "--resume"]) == 0
+    assert len(calls) == 9
+
+
 def test_bad_input_is_one_line(mixup_run, fmnist_dir, tmp_path):
     result = run_script("train_standard.py", TINY_RUN + ["--data-dir", str(fmnist_dir), "--loss", "mixup", "--head",
                                                          "mmc", "--model-dir", str(tmp_path / "x")])

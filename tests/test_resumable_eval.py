@@ -232,11 +232,16 @@ def test_reproduce_continues_an_interrupted_evaluation_with_resume(tmp_path, mon
     assert task_state(evaluation) == "fresh"
     (evaluation.run_dir / JOURNAL_FOLDER).mkdir()
     assert task_state(evaluation) == "resume"
-    # another evaluation script has no --resume: its stage is redone
-    other = Task("seed0/eval-x", "eval", "test_mixup_inference.py", [], tmp_path / "x", 0)
+    # the other evaluation scripts keep journals too; one without (a registered script whose Evaluator says so)
+    # has no --resume: its stage is redone
+    for script in ("test_detection.py", "test_mixup_inference.py"):
+        other = Task("seed0/eval-x", "eval", script, [], tmp_path / script, 0)
+        (other.run_dir / JOURNAL_FOLDER).mkdir(parents=True)
+        assert task_state(other) == "resume", script
+    from utils.evaluators import EVALUATORS
+    monkeypatch.setitem(EVALUATORS, "test_nothing.py", dataclasses.replace(EVALUATORS["test_comparison.py"],
+                                                                          script="test_nothing.py", journal=False))
+    other = Task("seed0/eval-y", "eval", "test_nothing.py", [], tmp_path / "y", 0)
     (other.run_dir / JOURNAL_FOLDER).mkdir(parents=True)
     assert task_state(other) == "fresh"
-    detection = Task("seed0/eval-y", "eval", "test_detection.py", [], tmp_path / "y", 0)  # test_detection.py has one
-    (detection.run_dir / JOURNAL_FOLDER).mkdir(parents=True)
-    assert task_state(detection) == "resume"
     assert sys.executable in commands[-1][0]

@@ -80,7 +80,7 @@ EVALUATORS = {
         note="the worst-case columns count an example only if it is correct when clean and survives every attack "
              "of its threat model (test_comparison.py)"),
     "test_mixup_inference.py": Evaluator(
-        "test_mixup_inference.py", mixup_inference_rows,
+        "test_mixup_inference.py", mixup_inference_rows, journal=True,
         note="a defense's own row is its checkpoint's logits, the rows \"+ mixup inference (...)\" the randomized "
              "predictor around it; a mixup inference cell's per-seed value is the mean over that evaluation's "
              "repeated partner draws, whose within-seed standard deviation is in each evaluation's results "

@@ -348,8 +348,9 @@ class Task:
 
     @property
     def has_eval_journal(self) -> bool:
-        """An interrupted evaluation by a script that keeps a per-batch journal (utils/eval_journal.py;
-        test_comparison.py, test_detection.py): its run folder holds it, which --resume continues."""
+        """An interrupted evaluation by a script that keeps a journal (utils/eval_journal.py; test_comparison.py and
+        test_detection.py per batch, test_mixup_inference.py per pass): its run folder holds it, which --resume
+        continues."""
         return (self.kind in ("eval", "curve") and evaluator(Path(self.script).name).journal
                 and (self.run_dir / "progress").is_dir())
 
