@@ -4,6 +4,7 @@ import hashlib
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO
@@ -66,3 +67,16 @@ def record_estimator_precision(estimators):
 
 def assert_all_float32_without_autocast(seen):
     assert seen and all(dtype == torch.float32 and not autocast for _, dtype, autocast in seen), set(seen)
+
+
+def interrupt_then_resume(main, argv, calls: list, stop: dict, interruption: dict, resumed_argv=None):
+    """main(argv) interrupted as `interruption` tells the test's wrapper (put into stop, which raises
+    KeyboardInterrupt there), then main(resumed_argv or argv, plus --resume) to completion; calls, cleared before
+    each run, then holds what the resumed run computed."""
+    calls.clear()
+    stop.update(interruption)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    calls.clear()
+    stop.clear()
+    assert main(list(resumed_argv or argv) + ["--resume"]) == 0

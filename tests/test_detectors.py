@@ -11,7 +11,7 @@ import test_detection
 import train_standard
 from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, confidence, detectors_path, fpr_threshold,
                                 load_or_fit_detectors, non_maximal_entropy, rank_auc, settings_for)
-from tests.helpers import assert_one_line_error, run_script
+from tests.helpers import interrupt_then_resume, assert_one_line_error, run_script
 from utils.detection import attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome
 from utils.training import load_model
 
@@ -232,27 +232,18 @@ def test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_result
               "--aware-steps", "2", "--aware-targets", "1", "--device", "cpu"]
     assert test_detection.main(common + ["--out-dir", str(tmp_path / "whole")]) == 0
     assert crafted == ["fgsm"] * 4 + ["aware"] * 4 and not (tmp_path / "whole" / "progress").exists()
-    crafted.clear()
-    stop["aware"] = 3  # fgsm finished, two batches of aware journalled
-    with pytest.raises(KeyboardInterrupt):
-        test_detection.main(common + ["--out-dir", str(tmp_path / "cut")])
-    assert sorted(p.name for p in (tmp_path / "cut" / "progress" / "0").iterdir()) == ["aware.rank0.pt", "fgsm.rank0.pt"]
-    crafted.clear()
-    stop.clear()
-    assert test_detection.main(common + ["--out-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    # fgsm finished, two batches of aware journalled
+    interrupt_then_resume(test_detection.main, common + ["--out-dir", str(tmp_path / "cut")], crafted, stop,
+                          {"aware": 3})
     assert crafted == ["aware"] * 2  # only the two batches the journal lacked
     whole, cut = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "cut"))
     strip = lambda attacks: {n: {k: v for k, v in a.items() if k != "seconds"} for n, a in attacks.items()}  # noqa
     assert strip(cut["models"][0]["attacks"]) == strip(whole["models"][0]["attacks"])
     assert cut["complete"] and not (tmp_path / "cut" / "progress").exists()
     # a journal made with other settings (here the detectors' kernels) is not used: everything is attacked anew
-    crafted.clear()
-    stop["fgsm"] = 2
-    with pytest.raises(KeyboardInterrupt):
-        test_detection.main(common + ["--out-dir", str(tmp_path / "other"), "--kd-kernels", "40"])
-    crafted.clear()
-    stop.clear()
-    assert test_detection.main(common + ["--out-dir", str(tmp_path / "other"), "--resume"]) == 0
+    other = common + ["--out-dir", str(tmp_path / "other")]
+    interrupt_then_resume(test_detection.main, other + ["--kd-kernels", "40"], crafted, stop, {"fgsm": 2},
+                          resumed_argv=other)
     assert crafted == ["fgsm"] * 4 + ["aware"] * 4
     assert strip(json.loads((tmp_path / "other" / "results.json").read_text())["models"][0]["attacks"]) == \
         strip(whole["models"][0]["attacks"])

@@ -13,7 +13,7 @@ import test_mixup_inference
 import train_standard
 from defenses.mixup_inference import (MixupInference, MixupInferenceConfig, PartnerPool, make_mixup_step, mix_batch,
                                       pool_from_splits, soft_cross_entropy)
-from tests.helpers import assert_one_line_error, read_metrics, run_script
+from tests.helpers import interrupt_then_resume, assert_one_line_error, read_metrics, run_script
 from utils.attacks import PGDConfig, pgd_attack
 from utils.data import load_splits
 from utils.training import load_model
@@ -381,26 +381,16 @@ def test_an_interrupted_mixup_inference_evaluation_resumes_to_the_uninterrupted_
             "--pgd-steps", "2", "--eot-steps", "2", "--eot-samples", "2", "--device", "cpu"]
     assert script.main(argv + ["--out-dir", str(tmp_path / "whole")]) == 0
     assert len(calls) == 3 + 3 * 2 and not (tmp_path / "whole" / "progress").exists()  # base: 3 passes; OL: 3 x 2
-    calls.clear()
-    stop["at"] = 6  # the base row and OL's two clean passes done; the first oblivious pass through OL interrupted
-    with pytest.raises(KeyboardInterrupt):
-        script.main(argv + ["--out-dir", str(tmp_path / "cut")])
-    calls.clear()
-    stop.clear()
-    assert script.main(argv + ["--out-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    # the base row and OL's two clean passes done; the first oblivious pass through OL interrupted
+    interrupt_then_resume(script.main, argv + ["--out-dir", str(tmp_path / "cut")], calls, stop, {"at": 6})
     assert len(calls) == 4 and all("mixup inference (ol)" in desc for desc in calls)
     whole, cut = (json.loads((tmp_path / name / "results.json").read_text())["models"][0]["rows"]
                   for name in ("whole", "cut"))
     assert [(r["metrics"], r["budget"]) for r in cut] == [(r["metrics"], r["budget"]) for r in whole]
     assert not (tmp_path / "cut" / "progress").exists()
     # other settings (here EOT's samples): the journal is not used, every pass is evaluated anew
-    calls.clear()
-    stop["at"] = 5
-    with pytest.raises(KeyboardInterrupt):
-        script.main(argv + ["--out-dir", str(tmp_path / "other"), "--eot-samples", "1"])
-    calls.clear()
-    stop.clear()
-    assert script.main(argv + ["--out-dir", str(tmp_path / "other"), "--resume"]) == 0
+    other = argv + ["--out-dir", str(tmp_path / "other")]
+    interrupt_then_resume(script.main, other + ["--eot-samples", "1"], calls, stop, {"at": 5}, resumed_argv=other)
     assert len(calls) == 9
 
 
