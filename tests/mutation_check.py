@@ -254,6 +254,9 @@ MUTATIONS = {
     "mixup-inference-journal-blind-to-the-settings": (
         "test_mixup_inference.py", '"pass": pass_key(mode, metric), "settings": settings,', '"pass": pass_key(mode, metric),',
         ["tests/test_mixup.py::test_an_interrupted_mixup_inference_evaluation_resumes_to_the_uninterrupted_results"]),
+    "pgd-outdone-check-counts-the-label-mi-attack": (
+        "utils/evaluation.py", "                and name not in LABEL_MI_ATTACKS}", "}",
+        ["tests/test_evaluation.py::test_sanity_warnings_name_a_model_at_chance_and_pgd_outdone_by_a_stronger_attack"]),
 }
 
 

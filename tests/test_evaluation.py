@@ -286,6 +286,25 @@ def test_sanity_warnings_fire_on_suspicious_numbers():
     assert all("\n" not in line for line in lines)
 
 
+def test_sanity_warnings_name_a_model_at_chance_and_pgd_outdone_by_a_stronger_attack():
+    from utils.evaluation import AttackResult
+    labels = torch.arange(20) % 10
+    flags = lambda correct: torch.arange(20) < correct  # noqa: E731  the first `correct` of 20 examples
+    attacks = {name: Attack(name, name.upper(), "linf", 0.1, {}, None) for name in ("pgd", "aa", "pgd-label-mi")}
+    at_chance = AttackResult(flags(2), 0.0, labels=labels)  # 10 %, ten classes
+    assert any("near chance (10%)" in line for line in sanity_warnings("M", at_chance, {}, attacks))
+    trained = AttackResult(flags(16), 0.0, labels=labels)
+    assert not any("chance" in line for line in sanity_warnings("M", trained, {}, attacks))
+    pgd, aa = AttackResult(flags(12), 0.0), AttackResult(flags(11), 0.0)  # 60 % and 55 %: 5 points
+    [line] = sanity_warnings("M", trained, {"pgd": pgd, "aa": aa}, attacks)
+    assert line.startswith("M: AA leaves 55.00% correct, 5.0 points fewer than PGD (60.00%)")
+    # within 3 points, or only the label-MI attack below PGD (it does not minimise accuracy): no warning
+    close = AttackResult(torch.arange(100) < 58, 0.0)
+    wide_pgd = AttackResult(torch.arange(100) < 60, 0.0)
+    assert sanity_warnings("M", trained, {"pgd": wide_pgd, "aa": close}, attacks) == []
+    assert sanity_warnings("M", trained, {"pgd": pgd, "pgd-label-mi": AttackResult(flags(1), 0.0)}, attacks) == []
+
+
 def test_markdown_table_on_fixed_numbers():
     columns = [("clean", "None"), ("pgd", "PGD-40"), ("aa", "AA"), ("worst_linf", "Worst L-inf")]
     table = markdown_table(["Standard AT", "NAMID"], columns,

@@ -852,11 +852,31 @@ def worst_case(clean_correct, robust_by_attack: dict) -> dict:
     return result
 
 
+# A stronger L-inf attack leaving this many points fewer correct than PGD means PGD alone would mislead.
+PGD_OVERSTATES_BY = 0.03
+
+
 def sanity_warnings(label: str, clean: AttackResult, results: dict, attacks: dict) -> list:
-    """One-line warnings in the spirit of AutoAttack's checks, for one model."""
+    """One-line warnings in the spirit of AutoAttack's checks, for one model: a model at chance, attacks that
+    fail, leave their budget or return NaN, and PGD outdone by another attack (a masked or saturated gradient)."""
     lines = []
     if clean.nan_batches:
         lines.append(f"{label}: NaN in the model's outputs on clean examples ({clean.nan_batches} batches)")
+    if clean.labels is not None and len(clean.labels):
+        chance = 1 / (int(clean.labels.max()) + 1)
+        if clean.accuracy < 1.5 * chance:
+            lines.append(f"{label}: clean accuracy {clean.accuracy:.2%} is near chance ({chance:.0%}): the model is "
+                         f"not trained, and its robust accuracy says nothing about its defense")
+    pgd = results.get("pgd")
+    stronger = {name: r for name, r in results.items() if name in WORST_CASE_GROUPS["linf"] and name != "pgd"
+                and name not in LABEL_MI_ATTACKS}
+    if pgd is not None and stronger:
+        best = min(stronger, key=lambda name: stronger[name].accuracy)
+        if stronger[best].accuracy <= pgd.accuracy - PGD_OVERSTATES_BY:
+            lines.append(f"{label}: {attacks[best].column} leaves {stronger[best].accuracy:.2%} correct, "
+                         f"{100 * (pgd.accuracy - stronger[best].accuracy):.1f} points fewer than {attacks['pgd'].column} "
+                         f"({pgd.accuracy:.2%}): PGD alone overstates this model's robustness (a masked or saturated "
+                         f"gradient); the worst case is the honest number")
     for name, result in results.items():
         attack = attacks[name]
         column = attack.column if name != "transfer" else "the transfer attack"
