@@ -11,12 +11,11 @@ CPU bf16 autocast stands in for CUDA's (no GPU here). Prints one JSON object; --
     python bench/amp_precision.py --target bench/results/fmnist_stage1_standard_at/best.pt \\
         --estimators bench/results/fmnist_stage2_only_max/estimators.pt --data-dir data --images 1000
 """
-import argparse
 import json
 from pathlib import Path
 
 import torch
-from common import machine_record
+from common import machine_record, target_and_estimators_parser
 
 from utils.attacks import PGDConfig, pgd_attack  # noqa: E402
 from utils.data import load_splits  # noqa: E402
@@ -45,12 +44,8 @@ def l_mi(q, selected):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--estimators", required=True)
-    parser.add_argument("--data-dir", default="data")
+    parser = target_and_estimators_parser(__doc__)
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the bench/ scripts."""
+"""Timing helpers and the command line shared by the bench/ scripts."""
+import argparse
 import platform
 import statistics
 import sys
@@ -46,3 +47,13 @@ def machine_record(device) -> dict:
             "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
             "versions": package_versions()}
+
+
+def target_and_estimators_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a bench script that measures a stage-1 target with its stage-2 estimators."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--estimators", required=True)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--batch-size", type=int, default=128)
+    return parser

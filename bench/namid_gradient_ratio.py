@@ -6,14 +6,11 @@ cross-entropy (the MMC loss is ~C^2/4 = 25 where cross-entropy is ~0.7): docs/me
 
     python bench/namid_gradient_ratio.py --target T/best.pt --estimators E/estimators.pt --data-dir data
 """
-import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import target_and_estimators_parser  # puts the repository on sys.path
 from defenses import head_for  # noqa: E402
 from utils.attacks import PGDConfig  # noqa: E402
 from utils.data import load_splits  # noqa: E402
@@ -33,12 +30,8 @@ def step_gradient(model, estimators, checkpoint, head, attack, x, y, seed, alpha
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--estimators", required=True)
-    parser.add_argument("--data-dir", default="data")
+    parser = target_and_estimators_parser(__doc__)
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     model, checkpoint = load_model(args.target, "cpu")
     estimators, estimator_checkpoint = load_estimators(args.estimators, "cpu")
