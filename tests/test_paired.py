@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.test_reproduce_seed_talk import fake_metrics, plan
+from tests.test_reproduce_seed_talk import fake_study, plan
 from utils.paired import mcnemar_p, paired_counts, per_example_flags
 from utils.study import comparison, paired_comparisons, paired_markdown, write_study
 
@@ -53,13 +53,12 @@ def test_the_study_pairs_each_namid_row_with_its_baseline_per_seed(tmp_path):
     per_seed = {  # (NAMID, Standard AT) per seed; TRADES and NAMID-T alike on other images
         0: (record("11111111", "11110000", "11100000"), record("11111110", "11000000", "11000000")),
         1: (record("11111111", "11000000", "10000000"), record("11111111", "11100000", "11000000"))}
-    for task in tasks.values():
-        if task.kind in ("standard", "namid"):
-            fake_metrics(task.run_dir)
-        elif task.kind == "eval":
-            namid, standard = per_seed[task.seed]
-            entry = namid if task.defense in ("namid", "namid-t") else standard
-            write_eval(task, entry, list(range(8)) if task.seed == 0 else list(range(8, 16)))
+
+    def evaluate(task):
+        namid, standard = per_seed[task.seed]
+        entry = namid if task.defense in ("namid", "namid-t") else standard
+        write_eval(task, entry, list(range(8)) if task.seed == 0 else list(range(8, 16)))
+    fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     pairs = paired_comparisons(config, list(tasks.values()), table["columns"])
     assert [(p["defense"], p["baseline"]) for p in pairs] == [("namid", "standard-at"), ("namid-t", "trades")]

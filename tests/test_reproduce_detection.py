@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_reproduce import run_study
-from tests.test_reproduce_seed_talk import fake_metrics, flag_value, flag_values, plan
+from tests.test_reproduce_seed_talk import fake_study, flag_value, flag_values, plan
 from utils.errors import UserError
 from utils.evaluators import EVALUATORS
 from utils.pipeline import DEFENSES, check_command_lines
@@ -151,14 +151,13 @@ def test_the_rows_reader_turns_a_record_into_auc_and_rejection_columns(tmp_path)
 
 def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     config, tasks = plan(FMNIST, seeds=[0, 1], out=tmp_path)
-    for task in tasks.values():
-        if task.kind == "standard":
-            fake_metrics(task.run_dir)
-        if task.kind == "eval":
-            base = {"sce": 0.8, "rce": 0.9}[task.defense] + task.seed / 20
-            # seed 1's C&W-hc found no pair on RCE: its AUC cells average seed 0 only
-            nan = ("cw-hc",) if (task.defense, task.seed) == ("rce", 1) else ()
-            fake_detection_results(task.run_dir, fake_record(base, nan_auc=nan))
+
+    def evaluate(task):
+        base = {"sce": 0.8, "rce": 0.9}[task.defense] + task.seed / 20
+        # seed 1's C&W-hc found no pair on RCE: its AUC cells average seed 0 only
+        nan = ("cw-hc",) if (task.defense, task.seed) == ("rce", 1) else ()
+        fake_detection_results(task.run_dir, fake_record(base, nan_auc=nan))
+    fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     assert [row["label"] for row in table["rows"]] == ["SCE", "RCE"]
     assert len(table["columns"]) == 35 and table["columns"][1] == ("fgsm:auc:confidence", "FGSM AUC conf. (×10⁻²)")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import assert_one_line_error, run_script
 from tests.test_reproduce import run_study
-from tests.test_reproduce_seed_talk import FMNIST_CPU_ARGV, fake_metrics, flag_value, flag_values, plan
+from tests.test_reproduce_seed_talk import FMNIST_CPU_ARGV, fake_study, flag_value, flag_values, plan
 from utils.errors import UserError
 from utils.evaluators import EVALUATORS
 from utils.pipeline import build_plan, check_command_lines
@@ -142,12 +142,11 @@ def fake_mixup_results(path: Path, clean: float, repeats_ol: list, images: int =
 
 def test_the_table_has_a_row_per_defense_and_predictor_averaged_over_seeds(tmp_path):
     config, tasks = plan(MIXUP, seeds=[0, 1], out=tmp_path)
-    for task in tasks.values():
-        if task.kind == "standard":
-            fake_metrics(task.run_dir)
-        if task.kind == "eval":
-            offset = {"standard-at": 0.0, "mixup": 0.01, "iat": 0.02}[task.defense] + task.seed / 10
-            fake_mixup_results(task.run_dir, 0.8 + offset, [0.6 + offset, 0.7 + offset, 0.8 + offset])
+
+    def evaluate(task):
+        offset = {"standard-at": 0.0, "mixup": 0.01, "iat": 0.02}[task.defense] + task.seed / 10
+        fake_mixup_results(task.run_dir, 0.8 + offset, [0.6 + offset, 0.7 + offset, 0.8 + offset])
+    fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     assert [row["label"] for row in table["rows"]] == [
         f"{label}{suffix}" for label in ("Standard AT", "Mixup", "IAT")

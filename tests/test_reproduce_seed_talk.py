@@ -236,13 +236,20 @@ def fake_metrics(path: Path):
     (path / "metrics.csv").write_text("epoch,val_clean_acc,val_pgd_acc\n1,0.9,0.1\n2,0.95,0.2\n")
 
 
+def fake_study(tasks: dict, evaluate):
+    """A planned study's folders as if it had run: a metrics.csv for every training, what evaluate(task) writes
+    for every evaluation."""
+    for task in tasks.values():
+        if task.kind == "eval":
+            evaluate(task)
+        elif task.kind in ("standard", "namid"):
+            fake_metrics(task.run_dir)
+
+
 def test_the_table_has_a_column_per_variant_and_attack_in_variant_order(tmp_path):
     config, tasks = plan(ADP, seeds=[0, 1], out=tmp_path)
     base = [("clean", "None"), ("pgd", "PGD-10"), ("worst_linf", "Worst L-inf")]
-    for task in tasks.values():
-        if task.kind == "standard":
-            fake_metrics(task.run_dir)
-            continue
+    def evaluate(task):
         eps = 0.1 if task.variant == "eps0.1" else 0.15
         # the first evaluation of all (ensemble, eps0.1, seed 0) lacks the MIM column the others have
         first = (task.defense, task.variant, task.seed) == ("ensemble", "eps0.1", 0)
@@ -250,6 +257,7 @@ def test_the_table_has_a_column_per_variant_and_attack_in_variant_order(tmp_path
         value = {"ensemble": 0.1, "adp-2-0": 0.2, "adp": 0.3}[task.defense] + eps + task.seed / 100
         accuracies = {"clean": 0.99, "pgd": value, "mim": value + 0.001, "worst_linf": value - 0.001}
         fake_results(task.run_dir, columns, {k: v for k, v in accuracies.items() if k in dict(columns)})
+    fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     expected = [("eps0.1:clean", "eps0.1: None"), ("eps0.1:pgd", "eps0.1: PGD-10"),
                 ("eps0.1:worst_linf", "eps0.1: Worst L-inf"), ("eps0.1:mim", "eps0.1: MIM-10"),
