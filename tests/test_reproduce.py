@@ -216,6 +216,7 @@ def test_tiny_study_writes_the_table_and_every_figure(tiny_study):
         assert summary["seeds"]["0"]["difference"] == pytest.approx(
             cells["namid"][column]["mean"] - cells["standard-at"][column]["mean"], abs=1e-6), column
     assert "| NAMID − Standard AT | None | PGD-5 | Worst L-inf | PGD-5 (L2) | Worst L2 |" in markdown
+    assert "| NAMID − Standard AT | None | PGD-5 | Worst L-inf | PGD-5 (L2) | Worst L2 |" in result.stdout
     for stage in ("standard-at", "only-max", "namid", "eval-namid", "curve-eps0.05"):
         assert (out / "seed0" / stage / MARKER).is_file(), stage
         events = list((out / "seed0" / stage / "tensorboard").rglob("events.out.tfevents*"))

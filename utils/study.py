@@ -393,7 +393,7 @@ def paper_markdown(reference: dict = None) -> str:
 
 def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> dict:
     """results.md/.csv/.json and the figures in `out`; returns what the closing summary prints: the caption,
-    the markdown table and every stage's warnings."""
+    the markdown table, each NAMID row against its baseline and every stage's warnings."""
     table = comparison(config, tasks)
     pairs = paired_comparisons(config, tasks, table["columns"])
     warnings = stage_warnings(tasks)
@@ -446,4 +446,5 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds,
         "stage_commits": commits, "paired": pairs, "invocation": invocation})
-    return {"caption": caption, "table": markdown_table, "warnings": warnings}
+    return {"caption": caption, "table": markdown_table, "warnings": warnings,
+            "paired": "\n".join(paired_markdown(pairs, table["columns"])[4:])}  # the pairs' tables, without the header
