@@ -210,13 +210,19 @@ def paired_summary(per_seed: dict) -> dict:
 
 
 def paired_markdown(pairs: list, columns: list) -> list:
+    """results.md's section: a heading, what the numbers are, and the pairs' tables (paired_tables)."""
     if not pairs:
         return []
-    lines = ["## Each NAMID row against its baseline, on the same test images", "",
-             "Difference of accuracy in points (the NAMID row's minus its baseline's) per seed, with the exact McNemar "
-             "p-value on the images where exactly one of the two is right (utils/paired.py); then the mean ± std of "
-             "the seeds' differences (the training noise) and McNemar's test on every seed's images pooled (the "
-             "test set's noise). An effect is established only if it clears both.", ""]
+    return ["## Each NAMID row against its baseline, on the same test images", "",
+            "Difference of accuracy in points (the NAMID row's minus its baseline's) per seed, with the exact McNemar "
+            "p-value on the images where exactly one of the two is right (utils/paired.py); then the mean ± std of "
+            "the seeds' differences (the training noise) and McNemar's test on every seed's images pooled (the "
+            "test set's noise). An effect is established only if it clears both.", "", *paired_tables(pairs, columns)]
+
+
+def paired_tables(pairs: list, columns: list) -> list:
+    """A markdown table per pair (rows: each seed, the mean ± std over seeds, the pooled test), as lines."""
+    lines = []
     for pair in pairs:
         shown = [(key, header) for key, header in columns if key in pair["columns"]]
         cells = pair["columns"]
@@ -250,7 +256,7 @@ def stage_commits(tasks: list) -> dict:
         found = []
         for name in ("config.json", "results.json"):
             try:
-                record = json.loads((task.run_dir / name).read_text())
+                record = _read_json(task.run_dir / name)
             except (OSError, ValueError):
                 continue
             found += [record.get("git_commit")] + [resume.get("git_commit") for resume in record.get("resumes", [])]
@@ -396,6 +402,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
     the markdown table, each NAMID row against its baseline and every stage's warnings."""
     table = comparison(config, tasks)
     pairs = paired_comparisons(config, tasks, table["columns"])
+    pair_tables = paired_tables(pairs, table["columns"])
     warnings = stage_warnings(tasks)
     commits = stage_commits(tasks)
     dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
@@ -447,4 +454,4 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds,
         "stage_commits": commits, "paired": pairs, "invocation": invocation})
     return {"caption": caption, "table": markdown_table, "warnings": warnings,
-            "paired": "\n".join(paired_markdown(pairs, table["columns"])[4:])}  # the pairs' tables, without the header
+            "paired": "\n".join(pair_tables)}
