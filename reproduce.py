@@ -51,7 +51,8 @@ from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, nonnegative_int, positive_int, positive_number
 from utils.errors import UserError, run_main
 from utils.pipeline import (DEFENSES, ESTIMATOR_RUNS, Launch, build_plan, check_command_lines, default_jobs, execute,
-                            recorded_seconds, resolve_config, resolve_launch, task_state)
+                            recorded_seconds, resolve_config, resolve_launch, reuse_finished_stages,
+                            task_state)
 from utils.presets import PRESETS
 from utils.slurm import RESULTS, require_finished_stages, run_only_stage, study_arguments, submit_study
 
@@ -93,6 +94,10 @@ def build_parser():
                             "the test images over them); on the CPU, K gloo processes")
     group.add_argument("--data-dir", default="data", help="where datasets live, in torchvision's layout")
     group.add_argument("--tensorboard", action="store_true", help="every stage also logs to <its folder>/tensorboard")
+    group.add_argument("--reuse", nargs="+", default=[], metavar="STUDY_FOLDER",
+                       help="before running, copy in each stage that one of these earlier study folders finished with "
+                            "the same command line (folders aside) and the same inputs, e.g. fashion-mnist-cpu's "
+                            "Standard AT for mixup-fashion-mnist-cpu; the copy's reproduce_stage.json names its source")
     group.add_argument("--dry-run", action="store_true", help="print the resolved configuration and the plan; run nothing")
     group = parser.add_argument_group("cluster")
     group.add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -126,11 +131,11 @@ def budget_as_written(text: str) -> str:
     return text.strip()
 
 
-def describe_plan(tasks, launch: Launch) -> str:
+def describe_plan(tasks, launch: Launch, copies: dict) -> str:
     lines = []
     for task in tasks:
         try:
-            state = task_state(task)
+            state = f"copy of {copies[task.name]}" if task.name in copies else task_state(task)
         except UserError as error:
             state = f"conflict: {error}"
         lines.append(f"[{state}] {task.name}: {shlex.join(['python3', *launch.command(task)[1:]])}")
@@ -153,11 +158,19 @@ def main(argv=None):
     config["launch"] = {"devices": list(launch.devices), "gpus_per_stage": launch.per_stage}
     tasks = build_plan(config, out, args.device, args.data_dir, args.tensorboard)
     check_command_lines(tasks)
+    for source in args.reuse:
+        if not Path(source).is_dir():
+            raise UserError(f"--reuse {source}: no such study folder")
+    if args.only_stage is None:
+        copies = reuse_finished_stages(tasks, out, args.reuse, dry_run=args.dry_run)
+        for name, source in copies.items():
+            if not args.dry_run:
+                print(f"{name}: copied from {source}", file=sys.stderr)
     if args.launcher == "slurm":
         return submit_study(tasks, out, argv, args)
     if args.dry_run:
         print(json.dumps(config, indent=2))
-        print(describe_plan(tasks, launch))
+        print(describe_plan(tasks, launch, copies))
         return 0
     if args.only_stage == RESULTS:  # the final SLURM job: the table from the finished stages, never a stage itself
         require_finished_stages(tasks)

@@ -285,6 +285,70 @@ def test_a_study_run_by_several_commits_names_the_stages_of_each(tmp_path):
     assert commits_line({"seed0/x": ["aaa"], "seed0/y": ["aaa"]}) == "Code: every stage ran at commit aaa."
 
 
+def finish_stage(task, files: dict, **record):
+    """A finished stage as the runner leaves it: its files, then its completion record."""
+    from utils.pipeline import input_hashes
+    task.run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (task.run_dir / name).write_bytes(data)
+    (task.run_dir / MARKER).write_text(json.dumps({"argv": task.argv, "inputs": input_hashes(task), "seconds": 7,
+                                                   **record}))
+
+
+def test_reuse_copies_exactly_the_stages_finished_elsewhere_with_the_same_command_and_inputs(tmp_path):
+    from utils.pipeline import reuse_finished_stages, task_state
+    config = resolve_config("demo", [], RUNNER)
+    source, out = tmp_path / "first", tmp_path / "second"
+    theirs = {task.name: task for task in build_plan(config, source, "cpu", "data")}
+    ours = {task.name: task for task in build_plan(config, out, "cpu", "data")}
+    finish_stage(theirs["seed0/standard-at"], {"best.pt": b"standard", "config.json": b"{}"})
+    finish_stage(theirs["seed0/only-max"], {"estimators.pt": b"estimators"})  # reads standard-at's best.pt
+    finish_stage(theirs["seed0/namid"], {"best.pt": b"namid"}, inputs={"elsewhere": "0" * 64})  # other inputs
+    trades = theirs["seed0/trades"]
+    finish_stage(trades, {"best.pt": b"trades"}, argv=trades.argv[:-2] + ["--epochs", "99"])  # other settings
+    finish_stage(theirs["seed0/mart"], {"best.pt": b"mart"})
+    finish_stage(ours["seed0/mart"], {"last.pt": b"begun here"})
+    (ours["seed0/mart"].run_dir / MARKER).unlink()
+    (source / "logs").mkdir()
+    (source / "logs" / "seed0_standard-at.log").write_text("epoch 1\n")
+    tasks = list(ours.values())
+    expected = {"seed0/standard-at": str(source / "seed0" / "standard-at"),
+                "seed0/only-max": str(source / "seed0" / "only-max")}
+    assert reuse_finished_stages(tasks, out, [source], dry_run=True) == expected
+    assert not (out / "seed0" / "standard-at").exists()  # a dry run copies nothing
+    assert reuse_finished_stages(tasks, out, [tmp_path / "missing", source]) == expected
+    for name in expected:
+        assert task_state(ours[name]) == "done"  # what the runner then skips
+        record = json.loads((ours[name].run_dir / MARKER).read_text())
+        assert record["argv"] == ours[name].argv and record["seconds"] == 7
+        assert record["copied_from"] == str((source / name).resolve())
+    assert (out / "seed0" / "only-max" / "estimators.pt").read_bytes() == b"estimators"
+    assert (out / "logs" / "seed0_standard-at.log").read_text() == "epoch 1\n"
+    assert not (out / "seed0" / "namid").exists() and not (out / "seed0" / "trades").exists()
+    assert (out / "seed0" / "mart" / "last.pt").read_bytes() == b"begun here"  # never overwritten
+    assert not list(out.rglob("*.copying"))
+    from utils.study import copied_line, copied_stages
+    assert copied_stages(tasks) == {name: str((source / name).resolve()) for name in expected}
+    assert copied_line(copied_stages(tasks))[0].startswith(
+        "Stages copied from earlier study folders (reproduce.py --reuse; same command line and inputs): seed0/standard-at")
+
+
+def test_a_study_reusing_another_runs_nothing_that_was_finished_there(tiny_study, fmnist_dir, tmp_path):
+    reference, _ = tiny_study
+    out = tmp_path / "second"
+    source = os.path.relpath(reference, REPO)  # as the source's own command lines did not write it
+    result = run_study(tiny_study_args(out, fmnist_dir, "--defenses", "standard-at", "--epsilons", "--reuse", source))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "running" not in result.stderr
+    assert "seed0/eval-standard-at: copied from" in result.stderr
+    first, second = (json.loads((folder / "results.json").read_text()) for folder in (reference, out))
+    assert second["cells"]["standard-at"] == first["cells"]["standard-at"]
+    assert set(second["copied_stages"]) == {"seed0/standard-at", "seed0/eval-standard-at"}
+    assert "Stages copied from earlier study folders" in (out / "results.md").read_text()
+    result = run_study(["--preset", "demo", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path / "none")])
+    assert_one_line_error(result, "--reuse")
+
+
 def test_the_curve_uses_the_tables_pgd_and_names_budgets_as_written():
     _, tasks = plan()  # demo: the table's PGD-20
     assert flag_value(tasks["seed0/curve-eps0.1"].argv, "--pgd-steps") == "20"

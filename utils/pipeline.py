@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -509,6 +510,76 @@ def task_state(task: Task) -> str:
     if task.resumable and (task.run_dir / "last.pt").is_file():
         return "resume"
     return "resume" if task.has_eval_journal else "fresh"
+
+
+def relocated(args: list, old: str, new: str) -> list:
+    """The command line with every path under the study folder `old` moved under `new`."""
+    return [new + arg[len(old):] if arg == old or arg.startswith(old + os.sep) else arg for arg in args]
+
+
+def reusable_twin(task: Task, out: Path, source: Path):
+    """The finished stage of the study folder `source` that is this task run there: the same command line
+    once each study's folder is set aside, and inputs with the same SHA-256 (a file not here yet is read
+    from the source: in a dry run, an upstream stage that would be copied first). None when there is none."""
+    twin = source / task.run_dir.relative_to(out)
+    try:
+        record = json.loads((twin / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    argv, rel = record.get("argv") or [], str(task.run_dir.relative_to(out))
+    # the source's folder as its own command lines wrote it (relative, absolute, with or without ./)
+    theirs = next((arg[:-len(rel) - 1] for arg in argv if arg.endswith(os.sep + rel)), None)
+    if theirs is None or relocated(task.argv, str(out), theirs) != argv:
+        return None
+    hashes = {}
+    for path in map(Path, task.inputs):
+        there = Path(relocated([str(path)], str(out), str(source))[0])
+        readable = path if path.is_file() else there
+        if not readable.is_file():
+            return None
+        status = readable.stat()
+        hashes[relocated([str(path)], str(out), theirs)[0]] = _sha256_of_version(
+            str(readable), status.st_size, status.st_mtime_ns)
+    return twin if record.get("inputs") == hashes else None
+
+
+def reuse_finished_stages(tasks: list, out: Path, sources: list, dry_run: bool = False) -> dict:
+    """Copy into `out` each stage not yet started here that another study folder finished with the same
+    command line and inputs (presets share stages: mixup-fashion-mnist-cpu's Standard AT is
+    fashion-mnist-cpu's), so that a second study does not redo hours of training. The copy's completion
+    record names its source. In plan order, so that a copied training's evaluation can be copied too.
+    Returns {stage: source folder}; with dry_run, what would be copied."""
+    copied = {}
+    for task in tasks:
+        if task.run_dir.exists() and any(task.run_dir.iterdir()):
+            continue  # begun or finished here: never overwritten
+        for source in map(Path, sources):
+            twin = reusable_twin(task, out, source)
+            if twin is None:
+                continue
+            copied[task.name] = str(twin)
+            if not dry_run:
+                copy_stage(task, twin, source, out)
+            break
+    return copied
+
+
+def copy_stage(task: Task, twin: Path, source: Path, out: Path):
+    record = json.loads((twin / MARKER).read_text())
+    staging = task.run_dir.with_name(task.run_dir.name + ".copying")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(twin, staging)
+    (staging / MARKER).unlink()
+    if task.run_dir.exists():
+        task.run_dir.rmdir()  # empty (reuse_finished_stages)
+    os.replace(staging, task.run_dir)
+    log = source / "logs" / (task.name.replace("/", "_") + ".log")
+    if log.is_file():
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, out / "logs" / log.name)
+    # written last: the stage counts as done only once every file is in place
+    atomic_write_json(task.run_dir / MARKER, {**record, "argv": task.argv, "inputs": input_hashes(task),
+                                              "copied_from": str(Path(twin).resolve())})
 
 
 class StageFailed(UserError):

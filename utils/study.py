@@ -16,7 +16,7 @@ from utils.estimator_training import ESTIMATOR_FILE, MI_VALUES_FILE, read_inform
 from utils.evaluation import row_accuracies
 from utils.evaluators import DEFAULT_EVAL_SCRIPT, evaluator
 from utils.paired import mcnemar_p, paired_counts, per_example_flags
-from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, eval_script, variant_column
+from utils.pipeline import DEFENSES, ESTIMATOR_RUNS, MARKER, eval_script, variant_column
 from utils.plots import plot_mi_distributions, plot_robustness_curves, plot_training_curves
 from utils.run_warnings import read_warnings
 
@@ -264,6 +264,26 @@ def stage_commits(tasks: list) -> dict:
     return commits
 
 
+def copied_stages(tasks: list) -> dict:
+    """{stage: the study folder's stage it was copied from} (reproduce.py --reuse)."""
+    copied = {}
+    for task in tasks:
+        try:
+            source = _read_json(task.run_dir / MARKER).get("copied_from")
+        except (OSError, ValueError):
+            continue
+        if source:
+            copied[task.name] = source
+    return copied
+
+
+def copied_line(copied: dict) -> list:
+    if not copied:
+        return []
+    return ["Stages copied from earlier study folders (reproduce.py --reuse; same command line and inputs): "
+            + "; ".join(f"{stage} from {source}" for stage, source in copied.items()) + ".", ""]
+
+
 def commits_line(commits: dict) -> str:
     by_commit = {}
     for stage, made_by in commits.items():
@@ -405,6 +425,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
     pair_tables = paired_tables(pairs, table["columns"])
     warnings = stage_warnings(tasks)
     commits = stage_commits(tasks)
+    copied = copied_stages(tasks)
     dataset = config["standard"].get("dataset")  # test_comparison.py reads it from the checkpoints
     seeds = ("seed " if len(config["seeds"]) == 1 else "seeds ") + ", ".join(map(str, config["seeds"]))
     markdown_table = comparison_markdown(config, table)
@@ -437,7 +458,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
-             f"{invocation['machine']}.", "", commits_line(commits), "", *paired_markdown(pairs, table["columns"]),
+             f"{invocation['machine']}.", "", commits_line(commits), "", *copied_line(copied), *paired_markdown(pairs, table["columns"]),
              "## The MI estimators (stage 2, test split)", "",
              *(estimator_verdicts(tasks) or ["none"]), "",
              f"## {reference_table(config)['title']}", "", paper_markdown(reference_table(config)),
@@ -452,6 +473,6 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
         "rows": table["rows"], "cells": table["cells"], "test_images": table["test_images"], "warnings": warnings,
         "robust_vs_epsilon": {"epsilons": grid, "accuracy": robustness},
         "training_curves": curves, "figures": written, "stage_seconds": stage_seconds,
-        "stage_commits": commits, "paired": pairs, "invocation": invocation})
+        "stage_commits": commits, "copied_stages": copied, "paired": pairs, "invocation": invocation})
     return {"caption": caption, "table": markdown_table, "warnings": warnings,
             "paired": "\n".join(pair_tables)}
