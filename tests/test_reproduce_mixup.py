@@ -19,8 +19,8 @@ from utils.study import comparison, comparison_csv, comparison_markdown, write_s
 
 MIXUP = "mixup-fashion-mnist-cpu"
 EVAL_FLAGS = ["--test-limit", "100", "--attacks", "oblivious", "eot-pgd", "aa-rand", "--modes", "ol", "pl",
-              "--repeats", "5", "--pgd-steps", "10", "--eot-steps", "10", "--eot-samples", "1", "--aa-iterations", "10",
-              "--aa-eot-iter", "1"]
+              "--repeats", "3", "--pgd-steps", "10", "--eot-steps", "50", "--eot-step-size", "0.01", "--eot-samples", "1",
+              "--aa-iterations", "10", "--aa-eot-iter", "1"]
 
 
 def test_the_mixup_preset_plans_its_trainings_and_mixup_inference_evaluations():

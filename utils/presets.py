@@ -91,15 +91,19 @@ def ten_step_attacks(epsilon: str) -> dict:
 
 # test_mixup_inference.py on the CPU (mixup-fashion-mnist-cpu), sized on one loaded core (OMP_NUM_THREADS=1, load
 # ~3.5 on 2 cores): on 50 test images, 1 repeat, an IAT SmallCNN (36 % clean), modes OL (30 partners) and PL
-# (10): EOT-PGD-10 x1 took 36 s (OL) and 9 s (PL), AutoAttack 'rand' 10 it. x EOT 1 24 s and 7 s, clean and
-# oblivious ~2 s each, the base model's row ~5 s. AutoAttack attacks only the points still correct, so for a
-# model at ~85 % clean accuracy its time is scaled by ~2.8: ~136 s per 50 images and repeat, hence 100 test
-# images x 5 repeats ~ 2 x (5 x 136 + 10) s ~ 23 min per evaluation (500 images would take ~2 h). The authors'
-# oblivious PGD-10 is crafted once on the base model; EOT-PGD and AutoAttack get 1 partner draw per step, each
-# forward of the wrapper itself averaging 30 (OL) or 10 (PL) partners; the worst-case column covers the
-# attacks' weaknesses as far as any of them succeeds.
+# (10): AutoAttack 'rand' 10 it. x EOT 1 took 24 s (OL) and 7 s (PL), clean and oblivious ~2 s each, the base
+# model's row ~5 s. AutoAttack attacks only the points still correct, so for a model at ~85 % clean accuracy its
+# time is scaled by ~2.8: ~87 s per 50 images and repeat. EOT-PGD attacks every image: its 50 steps (Tramer et
+# al.'s break of mixup inference: PGD-50 through the whole MI-OL forward, a fresh partner draw per forward; step
+# epsilon / 10 at the presets' epsilon 0.1, theirs epsilon / 16) took 96 s (OL) and 26 s (PL) on 20 images of a
+# Standard AT SmallCNN (load ~4), ~305 s per 50 images. Hence 100 test images x 3 repeats ~ 2 x 3 x (87 + 305 +
+# 4) s ~ 40 min per evaluation (with EOT-PGD-10 and 5 repeats it was ~23 min, but 10 steps are not the attack that
+# broke the defense). The authors' oblivious PGD-10 is crafted once on the base model; EOT-PGD and AutoAttack get
+# 1 partner draw per step, each forward of the wrapper itself averaging 30 (OL) or 10 (PL) partners; the
+# worst-case column covers the attacks' weaknesses as far as any of them succeeds.
 MIXUP_TEST_LIMIT = 100
-MIXUP_CPU_ATTACKS = {"pgd-steps": 10, "eot-steps": 10, "eot-samples": 1, "aa-iterations": 10, "aa-eot-iter": 1}
+MIXUP_CPU_ATTACKS = {"pgd-steps": 10, "eot-steps": 50, "eot-step-size": 0.01, "eot-samples": 1, "aa-iterations": 10,
+                     "aa-eot-iter": 1}
 
 # test_detection.py on the CPU (rce-fashion-mnist-cpu, rce-mnist-cpu), at its defaults (BIM and ILCM 10 steps, JSMA
 # theta 1 gamma 0.1, C&W 5 binary steps x 50 iterations, C&W-hc 5 x 100 at confidence 10, the detector-aware PGD
@@ -250,7 +254,7 @@ PRESETS = {
         "Mixup inference (the talk's ICLR 2020 paper) on a 2-core CPU: Standard AT, Mixup and IAT (SmallCNN, 10 000 "
         "Fashion-MNIST training images, 10 epochs, seeds 0-2), each evaluated by test_mixup_inference.py as itself "
         "and wrapped in mixup inference OL and PL (lambda 0.5; OL 0.6 on IAT, the authors'), under the oblivious "
-        "PGD-10, EOT-PGD-10 and AutoAttack 'rand' (10 iterations) and their worst case, 5 repeats, on 100 test images.",
+        "PGD-10, EOT-PGD-50 and AutoAttack 'rand' (10 iterations) and their worst case, 3 repeats, on 100 test images.",
         # Standard AT is the baseline the authors compare with; NAMID (--defenses namid) would add the stage-2 and -3
         # runs of fashion-mnist-cpu (MNIST_LIKE_STAGE2, alpha 0.5), not a row by default
         defenses=["standard-at", "mixup", "iat"], jobs=2, surrogate=None,
@@ -260,7 +264,7 @@ PRESETS = {
         common={"dataset": "fashion-mnist", "train-limit": 10000, "test-limit": 1000},
         standard={"epochs": 10, **MNIST_LIKE_TRAINING}, namid={**MNIST_LIKE_NAMID, "epochs": 10},
         eval_script="test_mixup_inference.py",
-        eval={"test-limit": MIXUP_TEST_LIMIT, "attacks": "oblivious eot-pgd aa-rand", "modes": "ol pl", "repeats": 5,
+        eval={"test-limit": MIXUP_TEST_LIMIT, "attacks": "oblivious eot-pgd aa-rand", "modes": "ol pl", "repeats": 3,
               **MIXUP_CPU_ATTACKS},
         # the authors' lambda for MI-OL on IAT-trained models; --mixup-lambda also sets PL's, so IAT's PL row mixes
         # at 0.6 too (the authors report PL with mixup-trained models only)
