@@ -770,6 +770,7 @@ def run_attack(model, attack: Attack, loader, device, amp, seed: int, desc: str,
                 outcome, seconds = journal.done[index]
                 outcomes.append(outcome)
                 journalled, journalled_seconds = journalled + 1, journalled_seconds + seconds
+                bar.set_postfix(resumed=journalled)  # redraw now: the next batch to attack may take minutes
                 continue
             batch_started = time.perf_counter()
             x, y = x.to(device), y.to(device)
