@@ -161,11 +161,12 @@ def main(argv=None):
     for source in args.reuse:
         if not Path(source).is_dir():
             raise UserError(f"--reuse {source}: no such study folder")
+    copies = {}  # a single stage (--only-stage, a SLURM job) copies nothing: the submission did
     if args.only_stage is None:
         copies = reuse_finished_stages(tasks, out, args.reuse, dry_run=args.dry_run)
+    if not args.dry_run:
         for name, source in copies.items():
-            if not args.dry_run:
-                print(f"{name}: copied from {source}", file=sys.stderr)
+            print(f"{name}: copied from {source}", file=sys.stderr)
     if args.launcher == "slurm":
         return submit_study(tasks, out, argv, args)
     if args.dry_run:

@@ -258,7 +258,7 @@ MUTATIONS = {
         "utils/evaluation.py", "                and name not in LABEL_MI_ATTACKS}", "}",
         ["tests/test_evaluation.py::test_sanity_warnings_name_a_model_at_chance_and_pgd_outdone_by_a_stronger_attack"]),
     "reuse-ignores-the-inputs": (
-        "utils/pipeline.py", "    return twin if record.get(\"inputs\") == hashes else None", "    return twin",
+        "utils/pipeline.py", "    return (twin, record) if record.get(\"inputs\") == hashes else None", "    return twin, record",
         ["tests/test_reproduce.py::test_reuse_copies_exactly_the_stages_finished_elsewhere_with_the_same_command_and_inputs"]),
     "reuse-ignores-the-command-line": (
         "utils/pipeline.py", "    if theirs is None or relocated(task.argv, str(out), theirs) != argv:", "    if theirs is None:",

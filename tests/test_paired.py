@@ -6,7 +6,7 @@ import pytest
 
 from tests.test_reproduce_seed_talk import fake_study, plan
 from utils.paired import mcnemar_p, paired_counts, per_example_flags
-from utils.study import comparison, paired_comparisons, paired_markdown, write_study
+from utils.study import comparison, paired_comparisons, paired_markdown, paired_tables, write_study
 
 
 def record(clean: str, pgd: str, aa: str) -> dict:
@@ -72,7 +72,7 @@ def test_the_study_pairs_each_namid_row_with_its_baseline_per_seed(tmp_path):
         for seed, counts in summary["seeds"].items():
             namid, standard = (table["cells"][row][column]["values"][int(seed)] for row in ("namid", "standard-at"))
             assert counts["difference"] == pytest.approx(namid - standard), (column, seed)
-    markdown = paired_markdown(pairs, table["columns"])
+    markdown = paired_markdown(paired_tables(pairs, table["columns"]))
     assert "| NAMID − Standard AT | None | PGD-40 | AA | Worst L-inf |" in markdown
     assert "| seed 0 | +12.50 (p 1) | +25.00 (p 0.5) | +12.50 (p 1) | +12.50 (p 1) |" in markdown
     assert "| mean ± std over seeds | +6.25 ± 8.84 | +6.25 ± 26.52 | +0.00 ± 17.68 | +0.00 ± 17.68 |" in markdown

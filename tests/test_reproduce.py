@@ -333,6 +333,13 @@ def test_reuse_copies_exactly_the_stages_finished_elsewhere_with_the_same_comman
         "Stages copied from earlier study folders (reproduce.py --reuse; same command line and inputs): seed0/standard-at")
 
 
+def test_a_dry_run_of_one_stage_prints_the_plan_and_copies_nothing(tmp_path):
+    result = run_study(["--preset", "demo", "--out", str(tmp_path / "study"), "--only-stage", "seed0/standard-at",
+                        "--dry-run", "--device", "cpu", "--reuse", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[fresh] seed0/standard-at:" in result.stdout and not (tmp_path / "study").exists()
+
+
 def test_a_study_reusing_another_runs_nothing_that_was_finished_there(tiny_study, fmnist_dir, tmp_path):
     reference, _ = tiny_study
     out = tmp_path / "second"

@@ -477,12 +477,12 @@ def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
 def input_hashes(task: Task) -> dict:
     """SHA-256 of each input file; a checkpoint read by several stages (every curve point reads every
     defense's best.pt) is hashed once per version of the file."""
-    hashes = {}
-    for path in map(Path, task.inputs):
-        if path.is_file():
-            status = path.stat()
-            hashes[str(path)] = _sha256_of_version(str(path), status.st_size, status.st_mtime_ns)
-    return hashes
+    return {str(path): file_version_sha256(path) for path in map(Path, task.inputs) if path.is_file()}
+
+
+def file_version_sha256(path: Path) -> str:
+    status = path.stat()
+    return _sha256_of_version(str(path), status.st_size, status.st_mtime_ns)
 
 
 def differing_flags(old: list, new: list) -> str:
@@ -518,29 +518,28 @@ def relocated(args: list, old: str, new: str) -> list:
 
 
 def reusable_twin(task: Task, out: Path, source: Path):
-    """The finished stage of the study folder `source` that is this task run there: the same command line
-    once each study's folder is set aside, and inputs with the same SHA-256 (a file not here yet is read
-    from the source: in a dry run, an upstream stage that would be copied first). None when there is none."""
-    twin = source / task.run_dir.relative_to(out)
+    """(folder, completion record) of the finished stage of the study folder `source` that is this task run
+    there: the same command line once each study's folder is set aside, and inputs with the same SHA-256 (a
+    file not here yet is read from the source: in a dry run, an upstream stage that would be copied first).
+    None when there is none."""
+    rel = task.run_dir.relative_to(out)
+    twin = source / rel
     try:
         record = json.loads((twin / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    argv, rel = record.get("argv") or [], str(task.run_dir.relative_to(out))
+    argv = record.get("argv") or []
     # the source's folder as its own command lines wrote it (relative, absolute, with or without ./)
-    theirs = next((arg[:-len(rel) - 1] for arg in argv if arg.endswith(os.sep + rel)), None)
+    theirs = next((arg[:-len(str(rel)) - 1] for arg in argv if arg.endswith(os.sep + str(rel))), None)
     if theirs is None or relocated(task.argv, str(out), theirs) != argv:
         return None
     hashes = {}
     for path in map(Path, task.inputs):
-        there = Path(relocated([str(path)], str(out), str(source))[0])
-        readable = path if path.is_file() else there
+        readable = path if path.is_file() else Path(relocated([str(path)], str(out), str(source))[0])
         if not readable.is_file():
             return None
-        status = readable.stat()
-        hashes[relocated([str(path)], str(out), theirs)[0]] = _sha256_of_version(
-            str(readable), status.st_size, status.st_mtime_ns)
-    return twin if record.get("inputs") == hashes else None
+        hashes[relocated([str(path)], str(out), theirs)[0]] = file_version_sha256(readable)
+    return (twin, record) if record.get("inputs") == hashes else None
 
 
 def reuse_finished_stages(tasks: list, out: Path, sources: list, dry_run: bool = False) -> dict:
@@ -554,18 +553,18 @@ def reuse_finished_stages(tasks: list, out: Path, sources: list, dry_run: bool =
         if task.run_dir.exists() and any(task.run_dir.iterdir()):
             continue  # begun or finished here: never overwritten
         for source in map(Path, sources):
-            twin = reusable_twin(task, out, source)
-            if twin is None:
+            found = reusable_twin(task, out, source)
+            if found is None:
                 continue
+            twin, record = found
             copied[task.name] = str(twin)
             if not dry_run:
-                copy_stage(task, twin, source, out)
+                copy_stage(task, twin, record, source / "logs", out / "logs")
             break
     return copied
 
 
-def copy_stage(task: Task, twin: Path, source: Path, out: Path):
-    record = json.loads((twin / MARKER).read_text())
+def copy_stage(task: Task, twin: Path, record: dict, their_logs: Path, our_logs: Path):
     staging = task.run_dir.with_name(task.run_dir.name + ".copying")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(twin, staging)
@@ -573,13 +572,13 @@ def copy_stage(task: Task, twin: Path, source: Path, out: Path):
     if task.run_dir.exists():
         task.run_dir.rmdir()  # empty (reuse_finished_stages)
     os.replace(staging, task.run_dir)
-    log = source / "logs" / (task.name.replace("/", "_") + ".log")
+    log = their_logs / (task.name.replace("/", "_") + ".log")
     if log.is_file():
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(log, out / "logs" / log.name)
+        our_logs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, our_logs / log.name)
     # written last: the stage counts as done only once every file is in place
     atomic_write_json(task.run_dir / MARKER, {**record, "argv": task.argv, "inputs": input_hashes(task),
-                                              "copied_from": str(Path(twin).resolve())})
+                                              "copied_from": str(twin.resolve())})
 
 
 class StageFailed(UserError):

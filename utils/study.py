@@ -209,15 +209,15 @@ def paired_summary(per_seed: dict) -> dict:
             "pooled": {"only_first": only_first, "only_second": only_second, "p": mcnemar_p(only_first, only_second)}}
 
 
-def paired_markdown(pairs: list, columns: list) -> list:
-    """results.md's section: a heading, what the numbers are, and the pairs' tables (paired_tables)."""
-    if not pairs:
+def paired_markdown(tables: list) -> list:
+    """results.md's section: a heading, what the numbers are, and the pairs' tables (paired_tables's lines)."""
+    if not tables:
         return []
     return ["## Each NAMID row against its baseline, on the same test images", "",
             "Difference of accuracy in points (the NAMID row's minus its baseline's) per seed, with the exact McNemar "
             "p-value on the images where exactly one of the two is right (utils/paired.py); then the mean ± std of "
             "the seeds' differences (the training noise) and McNemar's test on every seed's images pooled (the "
-            "test set's noise). An effect is established only if it clears both.", "", *paired_tables(pairs, columns)]
+            "test set's noise). An effect is established only if it clears both.", "", *tables]
 
 
 def paired_tables(pairs: list, columns: list) -> list:
@@ -458,7 +458,7 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
-             f"{invocation['machine']}.", "", commits_line(commits), "", *copied_line(copied), *paired_markdown(pairs, table["columns"]),
+             f"{invocation['machine']}.", "", commits_line(commits), "", *copied_line(copied), *paired_markdown(pair_tables),
              "## The MI estimators (stage 2, test split)", "",
              *(estimator_verdicts(tasks) or ["none"]), "",
              f"## {reference_table(config)['title']}", "", paper_markdown(reference_table(config)),
