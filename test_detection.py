@@ -42,7 +42,8 @@ from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, nonnegative_
                        parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, attack_metrics,
-                             attack_outcome, build_detection_attacks, clean_outcome, study_columns)
+                             attack_outcome, build_detection_attacks, clean_outcome, study_columns,
+                             weak_minimum_norm_attack)
 from utils.eval_journal import open_journals, remove_journal
 from utils.errors import UserError, run_main
 from utils.evaluation import attack_seed, sharded_loader
@@ -92,12 +93,14 @@ def build_parser():
     group.add_argument("--jsma-gamma", type=number_in_unit, default=0.1, help="largest fraction of pixels changed (authors: 0.1)")
 
     group = parser.add_argument_group("cw and cw-hc (advertorch's C&W-L2, towards a random wrong class; the authors: "
-                                      "9 binary steps, initial constant 1; cw 10 iterations, cw-hc 10000)")
-    group.add_argument("--cw-steps", type=positive_int, default=50, help="cw: iterations per binary step")
-    group.add_argument("--cw-hc-steps", type=positive_int, default=100, help="cw-hc: iterations per binary step")
+                                      "9 binary steps, initial constant 1; cw 10 iterations, cw-hc 10000). CPU-sized "
+                                      "defaults: on a natural CE SmallCNN (Fashion-MNIST, 100 images) lr 0.01 with 50 "
+                                      "iterations fooled 37 %, lr 0.1 with 100 (cw) or 200 (cw-hc) iterations 100 %")
+    group.add_argument("--cw-steps", type=positive_int, default=100, help="cw: iterations per binary step")
+    group.add_argument("--cw-hc-steps", type=positive_int, default=200, help="cw-hc: iterations per binary step")
     group.add_argument("--cw-hc-confidence", type=nonnegative_number, default=10.0, help="cw-hc's confidence (authors: 10)")
     group.add_argument("--cw-search-steps", type=positive_int, default=5, help="binary search steps of the constant")
-    group.add_argument("--cw-lr", type=positive_number, default=0.01)
+    group.add_argument("--cw-lr", type=positive_number, default=0.1, help="Adam's step in tanh space")
     group.add_argument("--cw-initial-const", type=positive_number, default=1.0)
 
     group = parser.add_argument_group("aware (multi-targeted L-inf PGD on min(margin_t, kappa) + c x the three "
@@ -362,6 +365,9 @@ def main(argv=None):
             if metrics["pairs"] == 0:
                 warnings.warn(f"{label}: {ATTACK_LABELS[attack.name]} succeeded on no correctly classified image; "
                               f"its AUC is undefined")
+            weak = weak_minimum_norm_attack(attack.name, metrics["success_rate"])
+            if weak:
+                warnings.warn(f"{label}: {weak}")
             atomic_write_json(out_dir / "results.json", {**summary, "complete": False, "models": records + [record],
                                                          "test_labels": test_labels.tolist()})
         records.append(record)

@@ -277,6 +277,21 @@ def attack_outcome(model, detectors: Detectors, attack: DetectionAttack, batches
     return _outcome(parts, time.perf_counter() - started + journalled_seconds)
 
 
+# C&W has no budget: given enough iterations it fools nearly every correctly classified image. Below this
+# success rate it has stopped early on the hard ones, and its AUC covers only the easier images.
+MINIMUM_NORM_ATTACKS = ("cw", "cw-hc")
+MIN_MINIMUM_NORM_SUCCESS = 0.9
+
+
+def weak_minimum_norm_attack(name: str, success_rate: float) -> str | None:
+    """The warning for a C&W run that fooled too few of the correctly classified images, else None."""
+    if name not in MINIMUM_NORM_ATTACKS or not success_rate < MIN_MINIMUM_NORM_SUCCESS or success_rate == 0:
+        return None  # success 0 (no pair at all) has its own warning; nan (no correct image) says nothing
+    return (f"{ATTACK_LABELS[name]} fooled only {success_rate:.1%} of the correctly classified images (a "
+            f"minimum-norm attack should reach nearly all): its AUC covers the easier ones; raise "
+            f"--cw-steps / --cw-hc-steps, --cw-lr or --cw-search-steps")
+
+
 def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
     """The authors' protocol (AUC over the pairs of a correctly classified clean image and a misclassified
     adversarial) and the reviewers' (accuracy with rejection, per detector and for all three)."""
