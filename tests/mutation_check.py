@@ -228,6 +228,9 @@ MUTATIONS = {
     "detection-journal-blind-to-the-detectors": (
         "test_detection.py", '"detectors": asdict(setting), ', "",
         ["tests/test_detectors.py::test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_results"]),
+    "detection-cw-at-the-old-step": (
+        "test_detection.py", '"--cw-lr", type=positive_number, default=0.1,', '"--cw-lr", type=positive_number, default=0.01,',
+        ["tests/test_detectors.py::test_default_cw_fools_nearly_every_correctly_classified_image_of_a_ce_model"]),
     "resumed-training-leaves-no-record": (
         "utils/training.py", "            self.run_dir.record_resume(self.start_epoch)\n", "",
         ["tests/test_train_standard.py::test_sigkill_then_resume_finishes_the_run"]),
