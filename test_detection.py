@@ -209,7 +209,11 @@ def results_markdown(summary, records, attacks) -> str:
                      + " | ".join(f"{fmt(d['val_fpr'][n])} / {fmt(r['clean']['fpr'][n])}"
                                   for n in DETECTORS + (COMBINED,)) + " |")
     lines += ["", "K-density's score is log KD (natural log); confidence is max softmax(h), non-ME in nats. "
-              "Thresholds are the FPR-quantile of the clean validation scores of the checkpoint's own split.", "",
+              "Thresholds are the FPR-quantile of the clean validation scores of the checkpoint's own split; \"all "
+              "three\" rejects when any score is below its own lower threshold, set so that the three together reject "
+              "the same rate of clean validation images: "
+              + "; ".join(f"{r['label']}: " + ", ".join(f"{DETECTOR_LABELS[n]} {r['detectors']['combined_thresholds'][n]:.4g}"
+                                                       for n in DETECTORS) for r in records) + ".", "",
               "## Attacks", ""]
     for name in summary["attacks"]:
         seconds = ", ".join(f"{r['label']} {r['attacks'][name]['seconds']:.1f} s" for r in records)
@@ -339,7 +343,8 @@ def main(argv=None):
                   "trained_with": {k: checkpoint.get("config", {}).get(k) for k in ("loss", "epochs", "epsilon")},
                   "detectors": {"file": str(detectors_path(path)), "status": status,
                                 "settings": asdict(detectors.settings),
-                                "thresholds": detectors.thresholds, "val_fpr": detectors.val_fpr,
+                                "thresholds": detectors.thresholds, "combined_thresholds": detectors.combined,
+                                "val_fpr": detectors.val_fpr,
                                 "kernels_per_class": detectors.density.counts()},
                   "clean": {"accuracy": float(clean_correct.float().mean()),
                             "fpr": {n: 1.0 - float(a.float().mean()) for n, a in clean.accepted.items()},

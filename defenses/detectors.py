@@ -9,7 +9,9 @@ defenses/rce.py), with F = softmax(h):
                  taken by logsumexp, since with the authors' sigma^2 the kernels underflow float32 on networks
                  whose features are larger than their ResNet's. log is monotone: the same AUC and rejections as KD.
 A detector rejects x when its score is below a threshold chosen on the clean validation split at a false-positive
-rate: the FPR-quantile of the clean validation scores (fpr_threshold); "all" rejects when any of the three does.
+rate: the FPR-quantile of the clean validation scores (fpr_threshold). "all" rejects when any of the three does,
+each at its own lower threshold, chosen so that the three together reject the same rate of clean validation images
+(combined_thresholds): at each detector's own thresholds the union would reject up to three times as many.
 Fitted once per checkpoint (kernels from the checkpoint's own training split, thresholds on its validation split)
 and saved next to it (load_or_fit_detectors), reused while the settings match.
 No library implements non-ME or this kernel density (ART, advertorch, torchattacks checked); scikit-learn's
@@ -31,7 +33,7 @@ COMBINED = "all"
 DETECTOR_LABELS = {"confidence": "confidence", "non-me": "non-ME", "k-density": "K-density", COMBINED: "all three"}
 # The authors' kernel widths sigma^2 (their test_adv.py and auc_of_roc_RCE.m), by head.
 DEFAULT_SIGMA2 = {"rce": 0.1 / 0.26, "softmax": 1.0 / 0.26}
-DETECTORS_FORMAT = "namid-detectors"
+DETECTORS_FORMAT = "namid-detectors-2"  # 2: "all" has its own thresholds (fits of format 1 are refitted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +100,31 @@ def fpr_threshold(clean_scores: torch.Tensor, fpr: float) -> float:
     return float(scores.sort().values[k])
 
 
+def combined_thresholds(clean_scores: dict, fpr: float, iterations: int = 40) -> dict:
+    """Per detector, the threshold at a common per-detector rate q, the largest q (bisection on [fpr / 3, fpr])
+    at which rejecting when any score is below its threshold rejects at most fpr of the clean scores."""
+    def at(q):
+        thresholds = {name: fpr_threshold(clean_scores[name], q) for name in DETECTORS}
+        rejected = torch.zeros(len(clean_scores[DETECTORS[0]]), dtype=torch.bool)
+        for name in DETECTORS:
+            rejected |= torch.as_tensor(clean_scores[name], dtype=torch.float64) < thresholds[name]
+        return thresholds, float(rejected.double().mean())
+
+    own, rate = at(fpr)
+    if rate <= fpr:  # the scores reject the same images: each detector's own thresholds already do
+        return own
+    low, high = fpr / len(DETECTORS), fpr  # the union rejects at most 3 q and at least q
+    best = at(low)[0]
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        thresholds, rate = at(middle)
+        if rate <= fpr:
+            low, best = middle, thresholds
+        else:
+            high = middle
+    return best
+
+
 def rank_auc(positive, negative) -> float:
     """ROC AUC of positives (high scores) against negatives: the rank-sum (Mann-Whitney) formula with average
     ranks for ties, so identical score sets give 0.5. nan when either set is empty."""
@@ -145,11 +172,13 @@ class DetectorSettings:
 class Detectors:
     """Kernel density, the thresholds and the validation FPR of one model."""
 
-    def __init__(self, density: KernelDensity, thresholds: dict, val_fpr: dict, settings: DetectorSettings):
+    def __init__(self, density: KernelDensity, thresholds: dict, val_fpr: dict, settings: DetectorSettings,
+                 combined: dict | None = None):
         self.density, self.thresholds, self.val_fpr, self.settings = density, thresholds, val_fpr, settings
+        self.combined = dict(thresholds if combined is None else combined)  # the thresholds of "all"
 
     def to(self, device):
-        return Detectors(self.density.to(device), self.thresholds, self.val_fpr, self.settings)
+        return Detectors(self.density.to(device), self.thresholds, self.val_fpr, self.settings, self.combined)
 
     def scores(self, logits: torch.Tensor, features: torch.Tensor) -> dict:
         """Per detector, (B,) scores (high = normal); K-density on the kernels of the predicted class."""
@@ -160,20 +189,21 @@ class Detectors:
     def accepted(self, scores: dict) -> dict:
         """Per detector and for "all" (accepted by the three), (B,) bool: not rejected."""
         accepted = {name: scores[name] >= self.thresholds[name] for name in DETECTORS}
-        accepted[COMBINED] = accepted["confidence"] & accepted["non-me"] & accepted["k-density"]
+        accepted[COMBINED] = torch.stack([scores[name] >= self.combined[name] for name in DETECTORS]).all(dim=0)
         return accepted
 
     def state(self) -> dict:
         """What detectors.pt holds (tensors and plain types only: loadable with weights_only=True)."""
         return {"format": DETECTORS_FORMAT, "settings": asdict(self.settings), "kernels": self.density.kernels.cpu(),
                 "kernel_labels": self.density.labels.cpu(), "num_classes": self.density.num_classes,
-                "thresholds": dict(self.thresholds), "val_fpr": dict(self.val_fpr)}
+                "thresholds": dict(self.thresholds), "combined_thresholds": dict(self.combined),
+                "val_fpr": dict(self.val_fpr)}
 
     @classmethod
     def from_state(cls, state: dict):
         settings = DetectorSettings(**state["settings"])
         density = KernelDensity(state["kernels"], state["kernel_labels"], settings.sigma2, state["num_classes"])
-        return cls(density, state["thresholds"], state["val_fpr"], settings)
+        return cls(density, state["thresholds"], state["val_fpr"], settings, state["combined_thresholds"])
 
 
 @torch.no_grad()
@@ -220,7 +250,8 @@ def fit_detectors(model, settings: DetectorSettings, num_classes: int, data_dir,
                   progress=None) -> Detectors:
     """Kernels: per class, a seeded random sample of min(kernels_per_class, class size) images of the checkpoint's
     training split (by their true label), their features; thresholds: the FPR-quantile of each score on the clean
-    validation split (every image, correctly classified or not: the rule rejects inputs, not errors)."""
+    validation split (every image, correctly classified or not: the rule rejects inputs, not errors), and for all
+    three together the lower ones at which their union rejects that rate (combined_thresholds)."""
     from utils.data import dataset_labels, load_splits
     splits = load_splits(settings.dataset, data_dir, val_size=settings.val_size, train_limit=settings.train_limit,
                          test_limit=1, seed=settings.data_seed, augment=False)
@@ -247,7 +278,7 @@ def fit_detectors(model, settings: DetectorSettings, num_classes: int, data_dir,
             val_scores[name].append(scores[name].detach().cpu())
     val_scores = {name: torch.cat(values) for name, values in val_scores.items()}
     thresholds = {name: fpr_threshold(val_scores[name], settings.fpr) for name in DETECTORS}
-    detectors = Detectors(density, thresholds, {}, settings)
+    detectors = Detectors(density, thresholds, {}, settings, combined_thresholds(val_scores, settings.fpr))
     accepted = detectors.accepted(val_scores)
     detectors.val_fpr = {name: 1.0 - float(flags.double().mean()) for name, flags in accepted.items()}
     return detectors

@@ -231,6 +231,10 @@ MUTATIONS = {
     "detection-cw-at-the-old-step": (
         "test_detection.py", '"--cw-lr", type=positive_number, default=0.1,', '"--cw-lr", type=positive_number, default=0.01,',
         ["tests/test_detectors.py::test_default_cw_fools_nearly_every_correctly_classified_image_of_a_ce_model"]),
+    "all-three-at-each-detectors-own-fpr": (
+        "defenses/detectors.py", "torch.stack([scores[name] >= self.combined[name] for name in DETECTORS])",
+        "torch.stack([scores[name] >= self.thresholds[name] for name in DETECTORS])",
+        ["tests/test_detectors.py::test_all_three_together_reject_the_fpr_not_three_times_it"]),
     "resumed-training-leaves-no-record": (
         "utils/training.py", "            self.run_dir.record_resume(self.start_epoch)\n", "",
         ["tests/test_train_standard.py::test_sigkill_then_resume_finishes_the_run"]),

@@ -9,7 +9,8 @@ import torch
 
 import test_detection
 import train_standard
-from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, confidence, detectors_path, fpr_threshold,
+from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, combined_thresholds, confidence, detectors_path,
+                                fpr_threshold,
                                 load_or_fit_detectors, non_maximal_entropy, rank_auc, settings_for)
 from tests.helpers import interrupt_then_resume, assert_one_line_error, run_script
 from utils.detection import (attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome,
@@ -73,6 +74,23 @@ def test_threshold_rejects_the_fpr_quantile_of_clean_scores():
     assert (scores < tau).sum().item() == 50, "exactly floor(0.05 * 1000) clean scores below the threshold"
     assert (scores < fpr_threshold(scores[:333], 0.05)).float().mean() == pytest.approx(0.05, abs=0.02)
     assert (scores[:333] < fpr_threshold(scores[:333], 0.05)).sum().item() == math.floor(0.05 * 333)
+
+
+def test_all_three_together_reject_the_fpr_not_three_times_it():
+    torch.manual_seed(3)
+    scores = {"confidence": torch.randn(1000), "non-me": torch.randn(1000), "k-density": torch.randn(1000)}
+    own = {name: fpr_threshold(values, 0.05) for name, values in scores.items()}
+    union_at_own = torch.stack([scores[n] < own[n] for n in scores]).any(0).float().mean().item()
+    assert union_at_own > 0.12, "independent scores: each at 5 % reject about 14 % together"
+    combined = combined_thresholds(scores, 0.05)
+    union = torch.stack([scores[n] < combined[n] for n in scores]).any(0).float().mean().item()
+    assert 0.045 <= union <= 0.05 and all(combined[n] <= own[n] for n in scores)
+    detectors = Detectors(None, own, {}, None, combined)
+    accepted = detectors.accepted(scores)
+    assert 1 - accepted["all"].float().mean().item() == pytest.approx(union)
+    assert 1 - accepted["k-density"].float().mean().item() == pytest.approx(0.05)
+    same = {name: scores["confidence"] for name in scores}  # identical scores: the union is each one
+    assert combined_thresholds(same, 0.05)["confidence"] == pytest.approx(own["confidence"])
 
 
 # ----------------------------------------------------------------------------------------------
