@@ -208,12 +208,12 @@ def results_markdown(summary, records, attacks) -> str:
                      + " | ".join(f"{d['thresholds'][n]:.4g}" for n in DETECTORS) + " | "
                      + " | ".join(f"{fmt(d['val_fpr'][n])} / {fmt(r['clean']['fpr'][n])}"
                                   for n in DETECTORS + (COMBINED,)) + " |")
+    combined = "; ".join(f"{r['label']}: " + ", ".join(f"{DETECTOR_LABELS[n]} {r['detectors']['combined_thresholds'][n]:.4g}"
+                                                         for n in DETECTORS) for r in records)
     lines += ["", "K-density's score is log KD (natural log); confidence is max softmax(h), non-ME in nats. "
               "Thresholds are the FPR-quantile of the clean validation scores of the checkpoint's own split; \"all "
               "three\" rejects when any score is below its own lower threshold, set so that the three together reject "
-              "the same rate of clean validation images: "
-              + "; ".join(f"{r['label']}: " + ", ".join(f"{DETECTOR_LABELS[n]} {r['detectors']['combined_thresholds'][n]:.4g}"
-                                                       for n in DETECTORS) for r in records) + ".", "",
+              f"the same rate of clean validation images: {combined}.", "",
               "## Attacks", ""]
     for name in summary["attacks"]:
         seconds = ", ".join(f"{r['label']} {r['attacks'][name]['seconds']:.1f} s" for r in records)

@@ -9,9 +9,9 @@ import torch
 
 import test_detection
 import train_standard
-from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, combined_thresholds, confidence, detectors_path,
-                                fpr_threshold,
-                                load_or_fit_detectors, non_maximal_entropy, rank_auc, settings_for)
+from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, combined_thresholds, confidence,
+                                detectors_path, fpr_threshold, load_or_fit_detectors, non_maximal_entropy, rank_auc,
+                                settings_for)
 from tests.helpers import interrupt_then_resume, assert_one_line_error, run_script
 from utils.detection import (attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome,
                              weak_minimum_norm_attack)
