@@ -10,7 +10,8 @@ the checkpoint's own training split (kernels) and validation split (thresholds a
       C&W and C&W-hc (the talk's AUC table);
   the reviewers': accuracy with rejection at the clean false-positive rate --fpr, per detector and for all three
       together: an example counts when its clean image is classified correctly and accepted and its adversarial
-      is classified correctly or rejected; under the same attacks and under a detector-aware PGD attack.
+      is classified correctly or rejected; under the same attacks, under a detector-aware PGD attack, and in the
+      per-example worst case of the attacks within epsilon (FGSM, BIM, ILCM, detector-aware PGD).
 
 Writes results.json, results.csv, results.md and roc_<model>_<attack>.png into --out-dir. An interrupted run is
 continued with the same command plus --resume: every finished batch of every attack is kept in <out-dir>/progress
@@ -41,9 +42,9 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, nonnegative_int, nonnegative_number,
                        parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
-from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, attack_metrics,
-                             attack_outcome, build_detection_attacks, clean_outcome, study_columns,
-                             weak_minimum_norm_attack)
+from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, WORST_CASE,
+                             attack_metrics, attack_outcome, build_detection_attacks, clean_outcome,
+                             per_example_record, study_columns, weak_minimum_norm_attack, worst_case_metrics)
 from utils.eval_journal import open_journals, remove_journal
 from utils.errors import UserError, run_main
 from utils.evaluation import attack_seed, sharded_loader
@@ -179,7 +180,17 @@ def rejection_table(records, attacks) -> list:
             a = r["attacks"][name]
             cells += [fmt(a["robust_accuracy"])] + [fmt(a["accuracy_with_rejection"][d]) for d in columns]
         lines.append(f"| {ATTACK_LABELS[name]} | " + " | ".join(cells) + " |")
+    if all("worst_case" in r for r in records):
+        cells = []
+        for r in records:
+            w = r["worst_case"]
+            cells += [fmt(w["robust_accuracy"])] + [fmt(w["accuracy_with_rejection"][d]) for d in columns]
+        lines.append(f"| {worst_case_label(records[0]['worst_case']['attacks'])} | " + " | ".join(cells) + " |")
     return lines
+
+
+def worst_case_label(attacks) -> str:
+    return f"worst case ({', '.join(ATTACK_LABELS[name] for name in attacks)})"
 
 
 def results_markdown(summary, records, attacks) -> str:
@@ -196,7 +207,8 @@ def results_markdown(summary, records, attacks) -> str:
              "classified correctly or rejected. \"no rejection\": clean correct and adversarial correct. \"all three\": "
              "rejected when any score is below its threshold. JSMA, C&W and C&W-hc are minimum-norm attacks without a "
              "budget, so there the columns measure detection alone; FGSM, BIM, ILCM and the detector-aware attack are "
-             f"within L-inf epsilon {summary['epsilon']:.4g}.", "",
+             f"within L-inf epsilon {summary['epsilon']:.4g}, and their worst case counts an example only if it "
+             "survives every one of them (an attacker takes, per image, whichever works).", "",
              "## Thresholds and clean false-positive rates", "",
              "| Model | head | sigma^2 | detectors | " + " | ".join(
                  f"tau {DETECTOR_LABELS[d]}" for d in DETECTORS) + " | " + " | ".join(
@@ -245,6 +257,11 @@ def results_csv(records) -> str:
             writer.writerow([r["label"], r["checkpoint"], r["head"], name, a["pairs"]]
                             + [f"{a['auc'][d]:.6f}" for d in DETECTORS] + [f"{a['robust_accuracy']:.6f}"]
                             + [f"{a['accuracy_with_rejection'][d]:.6f}" for d in columns] + [f"{a['seconds']:.3f}"])
+        if "worst_case" in r:
+            w = r["worst_case"]
+            writer.writerow([r["label"], r["checkpoint"], r["head"], WORST_CASE, ""] + [""] * len(DETECTORS)
+                            + [f"{w['robust_accuracy']:.6f}"]
+                            + [f"{w['accuracy_with_rejection'][d]:.6f}" for d in columns] + [""])
     return buffer.getvalue()
 
 
@@ -349,8 +366,10 @@ def main(argv=None):
                   "clean": {"accuracy": float(clean_correct.float().mean()),
                             "fpr": {n: 1.0 - float(a.float().mean()) for n, a in clean.accepted.items()},
                             "accuracy_with_rejection": {n: float((clean_correct & a).float().mean())
-                                                        for n, a in clean.accepted.items()}},
+                                                        for n, a in clean.accepted.items()},
+                            "per_example": per_example_record(clean)},
                   "attacks": {}, "roc_files": []}
+        bounded = {}  # the outcomes of the attacks within epsilon, for their worst case
         tqdm.write(f"{label}: clean {record['clean']['accuracy']:.2%}, test FPR "
                    + ", ".join(f"{n} {v:.3f}" for n, v in record["clean"]["fpr"].items()))
         for attack in attacks:
@@ -359,6 +378,8 @@ def main(argv=None):
                 tqdm.write(f"{label}: {ATTACK_LABELS[attack.name]}: {len(journal.done)} batches from the journal (--resume)")
             adv = attack_outcome(model, detectors, attack, batches(), device, attack_seed(args.seed, attack.name), journal)
             record["attacks"][attack.name] = metrics = attack_metrics(test_labels, clean, adv)
+            if attack.bounded:
+                bounded[attack.name] = adv
             pairs = clean_correct & (adv.predicted != test_labels)
             png = f"roc_{slug(label)}_{attack.name}.png"
             plot_roc(out_dir / png, f"{label}: {ATTACK_LABELS[attack.name]}", clean, adv, pairs)
@@ -375,6 +396,11 @@ def main(argv=None):
                 warnings.warn(f"{label}: {weak}")
             atomic_write_json(out_dir / "results.json", {**summary, "complete": False, "models": records + [record],
                                                          "test_labels": test_labels.tolist()})
+        if len(bounded) > 1:
+            record["worst_case"] = worst = worst_case_metrics(test_labels, clean, bounded)
+            tqdm.write(f"{label}: worst case of {', '.join(ATTACK_LABELS[n] for n in bounded)}: accuracy "
+                       f"{fmt(worst['robust_accuracy'])} %, with rejection (all three) "
+                       f"{fmt(worst['accuracy_with_rejection'][COMBINED])} %")
         records.append(record)
     summary["warnings"] = list(warnings.messages)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)

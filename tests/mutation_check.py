@@ -235,6 +235,10 @@ MUTATIONS = {
         "defenses/detectors.py", "torch.stack([scores[name] >= self.combined[name] for name in DETECTORS])",
         "torch.stack([scores[name] >= self.thresholds[name] for name in DETECTORS])",
         ["tests/test_detectors.py::test_all_three_together_reject_the_fpr_not_three_times_it"]),
+    "detection-worst-case-is-the-last-attack": (
+        "utils/detection.py", "            survives &= (adv.predicted == labels) | ~adv.accepted[name]\n",
+        "            survives = clean_correct & clean.accepted[name] & ((adv.predicted == labels) | ~adv.accepted[name])\n",
+        ["tests/test_detectors.py::test_worst_case_counts_an_example_only_if_it_survives_every_attack"]),
     "resumed-training-leaves-no-record": (
         "utils/training.py", "            self.run_dir.record_resume(self.start_epoch)\n", "",
         ["tests/test_train_standard.py::test_sigkill_then_resume_finishes_the_run"]),

@@ -9,12 +9,13 @@ import torch
 
 import test_detection
 import train_standard
+from bench import detection_worst_case
 from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, combined_thresholds, confidence,
                                 detectors_path, fpr_threshold, load_or_fit_detectors, non_maximal_entropy, rank_auc,
                                 settings_for)
 from tests.helpers import interrupt_then_resume, assert_one_line_error, run_script
-from utils.detection import (attack_metrics, attack_outcome, aware_objective, build_detection_attacks, clean_outcome,
-                             weak_minimum_norm_attack)
+from utils.detection import (Outcome, attack_metrics, attack_outcome, aware_objective, build_detection_attacks,
+                             clean_outcome, outcome_from_record, weak_minimum_norm_attack, worst_case_metrics)
 from utils.training import load_model
 
 
@@ -216,6 +217,28 @@ def test_aware_objective_is_the_capped_margin_plus_the_detectors_shortfalls():
     assert value.tolist() == pytest.approx([expected0, expected1], rel=1e-5)
 
 
+def hand_outcome(predicted, accepted, k_density=None) -> Outcome:
+    flags = {name: torch.tensor(accepted, dtype=torch.bool) for name in ("confidence", "non-me", "k-density", "all")}
+    if k_density is not None:
+        flags["k-density"] = torch.tensor(k_density, dtype=torch.bool)
+    return Outcome(torch.tensor(predicted), {}, flags)
+
+
+def test_worst_case_counts_an_example_only_if_it_survives_every_attack():
+    labels = torch.tensor([0, 1, 2, 3])
+    clean = hand_outcome([0, 1, 2, 0], [1, 1, 0, 1])  # image 2 rejected when clean, image 3 misclassified
+    a = hand_outcome([0, 9, 2, 3], [1, 1, 1, 1])  # fools image 1, accepted
+    b = hand_outcome([5, 1, 2, 3], [1, 1, 1, 1], k_density=[0, 1, 1, 1])  # fools image 0, which K-density rejects
+    alone = {name: worst_case_metrics(labels, clean, {name: adv})["accuracy_with_rejection"]["all"]
+             for name, adv in (("a", a), ("b", b))}
+    worst = worst_case_metrics(labels, clean, {"a": a, "b": b})
+    assert alone == {"a": 0.25, "b": 0.25}  # image 0 survives a, image 1 survives b
+    assert worst["accuracy_with_rejection"]["all"] == 0.0  # but no image survives both
+    assert worst["accuracy_with_rejection"]["k-density"] == 0.25  # image 0: b's adversarial is rejected
+    assert worst["robust_accuracy"] == 0.25  # without rejection only image 2 is right under both
+    assert worst["attacks"] == ["a", "b"]
+
+
 # ----------------------------------------------------------------------------------------------
 # test_detection.py
 
@@ -230,7 +253,8 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and [m["label"] for m in results["models"]] == ["CE", "RCE"]
     # what reproduce.py's study table reads (utils/evaluators.py): its columns and the number of test images
-    assert results["test_images"] == 30 and len(results["columns"]) == 35
+    assert results["test_images"] == 30 and len(results["columns"]) == 37
+    assert results["columns"][-1] == {"key": "worst:rejection:all", "header": "Worst case within epsilon, rej. all three"}
     assert results["columns"][:2] == [{"key": "clean", "header": "Clean"},
                                       {"key": "fgsm:auc:confidence", "header": "FGSM AUC conf. (×10⁻²)"}]
     for model in results["models"]:
@@ -240,12 +264,35 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
             assert (out / f"roc_{model['label']}_{name}.png").stat().st_size > 1000
         assert model["detectors"]["settings"]["kernels_per_class"] == 50
         assert set(model["clean"]["fpr"]) == {"confidence", "non-me", "k-density", "all"}
+        # the worst case of the attacks within epsilon, from the per-example records results.json keeps
+        labels = torch.tensor(results["test_labels"])
+        clean = outcome_from_record(model["clean"]["per_example"])
+        assert float((clean.predicted == labels).float().mean()) == pytest.approx(model["clean"]["accuracy"])
+        bounded = {n: outcome_from_record(model["attacks"][n]["per_example"], "adv_")
+                   for n in ("fgsm", "bim", "ilcm", "aware")}
+        assert model["worst_case"] == worst_case_metrics(labels, clean, bounded)
+        for name in ("fgsm", "bim", "ilcm", "aware"):
+            assert model["worst_case"]["accuracy_with_rejection"]["all"] <= \
+                model["attacks"][name]["accuracy_with_rejection"]["all"]
     markdown = (out / "results.md").read_text()
     for fragment in ("ROC AUC", "accuracy (%) with rejection", "| C&W-hc |", "detector-aware PGD", "Git commit",
+                     "| worst case (FGSM, BIM, ILCM, detector-aware PGD) |",
                      "Command: `test_detection.py", "Wall time"):
         assert fragment in markdown
+    # bench/detection_worst_case.py recomputes the same worst case for a results.json written without it
+    old = json.loads((out / "results.json").read_text())
+    for model in old["models"]:
+        del model["worst_case"], model["clean"]["per_example"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    detection_worst_case.main([str(tmp_path / "old"), "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "w.json")])
+    [recomputed] = json.loads((tmp_path / "w.json").read_text())["evaluations"].values()
+    for model, again in zip(results["models"], recomputed["models"]):
+        assert again["detectors"] == "reused" and again["attacks"] == model["worst_case"]["attacks"]
+        assert again["accuracy_with_rejection"] == model["worst_case"]["accuracy_with_rejection"]
+        assert again["robust_accuracy"] == model["worst_case"]["robust_accuracy"]
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 8 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
+    assert len(rows) == 1 + 2 * 9 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
     assert json.loads((out / "warnings.json").read_text())["warnings"] == results["warnings"]
 
 

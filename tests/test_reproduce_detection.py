@@ -110,6 +110,8 @@ def fake_record(base: float, nan_auc=()) -> dict:
                                      "robust_accuracy": base / 2 - 0.01 * a,
                                      "accuracy_with_rejection": {d: base / 2 + 0.02 * i - 0.01 * a
                                                                  for i, d in enumerate(detectors)}}
+    record["worst_case"] = {"attacks": ["fgsm", "bim", "ilcm", "aware"], "robust_accuracy": base / 4,
+                            "accuracy_with_rejection": {d: base / 4 + 0.01 * i for i, d in enumerate(detectors)}}
     return record
 
 
@@ -125,9 +127,10 @@ def test_the_rows_reader_turns_a_record_into_auc_and_rejection_columns(tmp_path)
     columns = study_columns(ATTACKS)
     keys = [c["key"] for c in columns]
     assert keys[:4] == ["clean", "fgsm:auc:confidence", "fgsm:auc:non-me", "fgsm:auc:k-density"]
-    assert len(keys) == 1 + 6 * 3 + 8 * 2 and len(set(keys)) == len(keys)
-    assert keys[-4:] == ["cw-hc:rejection:k-density", "cw-hc:rejection:all", "aware:rejection:k-density",
-                         "aware:rejection:all"]
+    # clean, 6 attacks of the authors' x 3 scores, then K-density and all three for clean, 7 attacks, worst case
+    assert len(keys) == 1 + 6 * 3 + 9 * 2 and len(set(keys)) == len(keys)
+    assert keys[-4:] == ["aware:rejection:k-density", "aware:rejection:all", "worst:rejection:k-density",
+                         "worst:rejection:all"]
     assert "aware:auc:confidence" not in keys and "clean:rejection:all" in keys
     headers = {c["key"]: c["header"] for c in columns}
     assert headers["cw-hc:auc:non-me"] == "C&W-hc AUC non-ME (×10⁻²)"
@@ -136,7 +139,9 @@ def test_the_rows_reader_turns_a_record_into_auc_and_rejection_columns(tmp_path)
     assert [c["key"] for c in study_columns(["fgsm", "aware"])] == [
         "clean", "fgsm:auc:confidence", "fgsm:auc:non-me", "fgsm:auc:k-density", "clean:rejection:k-density",
         "clean:rejection:all", "fgsm:rejection:k-density", "fgsm:rejection:all", "aware:rejection:k-density",
-        "aware:rejection:all"]
+        "aware:rejection:all", "worst:rejection:k-density", "worst:rejection:all"]
+    assert "worst:rejection:all" not in [c["key"] for c in study_columns(["fgsm", "jsma"])]  # one attack: no worst case
+    assert headers["worst:rejection:all"] == "Worst case within epsilon, rej. all three"
     [(predictor, label, values)] = EVALUATORS["test_detection.py"].rows(
         {"columns": columns, "test_images": 1000, "models": [fake_record(0.9, nan_auc=("cw-hc",))]})
     assert predictor is None and label is None
@@ -146,6 +151,7 @@ def test_the_rows_reader_turns_a_record_into_auc_and_rejection_columns(tmp_path)
     assert values["aware:rejection:all"] == pytest.approx(0.45 + 0.06 - 0.06)
     assert values["aware:rejection:non-me"] == pytest.approx(0.45 + 0.02 - 0.06)  # every detector, beyond the table
     assert values["jsma:accuracy"] == pytest.approx(0.42)
+    assert values["worst:rejection:all"] == pytest.approx(0.225 + 0.03) and values["worst:accuracy"] == 0.225
     assert not any(key.startswith("cw-hc:auc") for key in values)  # undefined (no pair): left out
     assert not any(key.startswith("aware:auc") for key in values)
     assert all(0 <= value <= 1 for value in values.values())
@@ -162,7 +168,7 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     assert [row["label"] for row in table["rows"]] == ["SCE", "RCE"]
-    assert len(table["columns"]) == 35 and table["columns"][1] == ("fgsm:auc:confidence", "FGSM AUC conf. (×10⁻²)")
+    assert len(table["columns"]) == 37 and table["columns"][1] == ("fgsm:auc:confidence", "FGSM AUC conf. (×10⁻²)")
     rce = table["cells"]["rce"]
     assert rce["fgsm:auc:confidence"]["values"] == pytest.approx([0.9, 0.95])
     assert rce["fgsm:auc:confidence"]["mean"] == pytest.approx(0.925) and rce["clean"]["n"] == 2
@@ -170,12 +176,13 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     assert table["cells"]["sce"]["cw-hc:auc:k-density"]["n"] == 2
     markdown = comparison_markdown(config, table).splitlines()
     assert markdown[0].startswith("| Defense | Clean | FGSM AUC conf. (×10⁻²) | FGSM AUC non-ME (×10⁻²) |")
-    assert markdown[0].endswith("| detector-aware PGD, rej. K-dens. | detector-aware PGD, rej. all three |")
+    assert markdown[0].endswith("| detector-aware PGD, rej. all three | Worst case within epsilon, rej. K-dens. | "
+                                "Worst case within epsilon, rej. all three |")
     # AUC 0.9 and 0.95 read 92.50 (x10^-2), as the paper writes them; a single defined seed has no spread
     assert markdown[3].startswith("| RCE | 92.50 ± 3.54 | 92.50 ± 3.54 | 82.50 ± 3.54 |")
     assert "| 65.00 |" in markdown[3]
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
-    assert len(rows) == 2 * 35 and {r["defense"] for r in rows} == {"sce", "rce"}
+    assert len(rows) == 2 * 37 and {r["defense"] for r in rows} == {"sce", "rce"}
     write_study(config, list(tasks.values()), tmp_path, {}, {"seconds": 1.0, "machine": "test"})
     text = (tmp_path / "results.md").read_text()
     assert "the AUC columns are the RCE paper's protocol" in text and "every number" in text.lower()
@@ -202,7 +209,7 @@ def test_a_tiny_rce_study_end_to_end(fmnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     keys = [c["key"] for c in results["columns"]]
-    assert len(keys) == 35 and keys[0] == "clean" and keys[-1] == "aware:rejection:all"
+    assert len(keys) == 37 and keys[0] == "clean" and keys[-1] == "worst:rejection:all"
     assert [row["label"] for row in results["rows"]] == ["SCE", "RCE"]
     for seed in (0, 1):
         for defense, head in (("sce", "softmax"), ("rce", "rce")):
@@ -215,6 +222,8 @@ def test_a_tiny_rce_study_end_to_end(fmnist_dir, tmp_path):
             assert cells["clean"]["values"][seed] == pytest.approx(record["clean"]["accuracy"])
             assert cells["aware:rejection:all"]["values"][seed] == pytest.approx(
                 record["attacks"]["aware"]["accuracy_with_rejection"]["all"])
+            assert cells["worst:rejection:all"]["values"][seed] == pytest.approx(
+                record["worst_case"]["accuracy_with_rejection"]["all"])
     for key, cells in results["cells"].items():
         assert {"clean", "aware:rejection:all", "clean:rejection:k-density"} <= set(cells) <= set(keys), key
         assert all(1 <= stats["n"] <= 2 and 0 <= stats["mean"] <= 1 for stats in cells.values()), key

@@ -34,8 +34,17 @@ from utils.evaluation import batch_seed, isolated_rng
 JSMA_CHUNK = 16
 AUTHORS_ATTACKS = ("fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc")
 DETECTION_ATTACKS = AUTHORS_ATTACKS + ("aware",)
+# the attacks within the L-inf epsilon; JSMA, C&W and C&W-hc are minimum-norm attacks without a budget
+BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware")
+# The attacker picks, per image, whichever attack within the budget works: an example survives the worst case
+# only if it survives every one of them (AutoAttack's worst case, here with rejection).
+WORST_CASE = "worst"
 ATTACK_LABELS = {"fgsm": "FGSM", "bim": "BIM", "ilcm": "ILCM", "jsma": "JSMA", "cw": "C&W", "cw-hc": "C&W-hc",
-                 "aware": "detector-aware PGD"}
+                 "aware": "detector-aware PGD", "clean": "Clean", WORST_CASE: "Worst case within epsilon"}
+
+
+def bounded_attacks(attacks) -> list:
+    return [name for name in attacks if name in BOUNDED_ATTACKS]
 
 
 @dataclass
@@ -44,7 +53,10 @@ class DetectionAttack:
     name: str
     settings: dict
     craft: Callable
-    bounded: bool  # within the L-inf epsilon (else a minimum-norm attack, unbounded)
+
+    @property
+    def bounded(self) -> bool:
+        return self.name in BOUNDED_ATTACKS
 
 
 def random_wrong_class(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -168,39 +180,39 @@ def build_detection_attacks(names, args, num_classes: int) -> list:
     make = {
         "fgsm": lambda: DetectionAttack("fgsm", {"epsilon": eps, "steps": 1, "step_size": eps, "label": "predicted",
                                                  "random_start": "none"},
-                                        _sign_attack(PGDConfig("linf", eps, eps, 1, random_start="none"), False), True),
+                                        _sign_attack(PGDConfig("linf", eps, eps, 1, random_start="none"), False)),
         "bim": lambda: DetectionAttack("bim", {"epsilon": eps, "steps": args.bim_steps, "step_size": eps / args.bim_steps,
                                                "label": "predicted", "random_start": "none"},
                                        _sign_attack(PGDConfig("linf", eps, eps / args.bim_steps, args.bim_steps,
-                                                              random_start="none"), False), True),
+                                                              random_start="none"), False)),
         "ilcm": lambda: DetectionAttack("ilcm", {"epsilon": eps, "steps": args.bim_steps, "step_size": eps / args.bim_steps,
                                                  "target": "least likely class, argmin h", "random_start": "none",
                                                  "loss": "-CE(h, target)"},
                                         _sign_attack(PGDConfig("linf", eps, eps / args.bim_steps, args.bim_steps,
-                                                               loss="targeted-ce", random_start="none"), True), True),
+                                                               loss="targeted-ce", random_start="none"), True)),
         "jsma": lambda: DetectionAttack("jsma", {"theta": args.jsma_theta, "gamma": args.jsma_gamma,
                                                  "target": "random wrong class",
                                                  "implementation": "advertorch.attacks.JacobianSaliencyMapAttack"},
-                                        _jsma(num_classes, args.jsma_theta, args.jsma_gamma), False),
+                                        _jsma(num_classes, args.jsma_theta, args.jsma_gamma)),
         "cw": lambda: DetectionAttack("cw", {"confidence": 0.0, "steps": args.cw_steps,
                                              "binary_search_steps": args.cw_search_steps, "lr": args.cw_lr,
                                              "initial_const": args.cw_initial_const, "target": "random wrong class",
                                              "implementation": "advertorch.attacks.CarliniWagnerL2Attack"},
                                       _cw(num_classes, 0.0, args.cw_steps, args.cw_search_steps, args.cw_lr,
-                                          args.cw_initial_const), False),
+                                          args.cw_initial_const)),
         "cw-hc": lambda: DetectionAttack("cw-hc", {"confidence": args.cw_hc_confidence, "steps": args.cw_hc_steps,
                                                    "binary_search_steps": args.cw_search_steps, "lr": args.cw_lr,
                                                    "initial_const": args.cw_initial_const, "target": "random wrong class",
                                                    "implementation": "advertorch.attacks.CarliniWagnerL2Attack"},
                                          _cw(num_classes, args.cw_hc_confidence, args.cw_hc_steps, args.cw_search_steps,
-                                             args.cw_lr, args.cw_initial_const), False),
+                                             args.cw_lr, args.cw_initial_const)),
         "aware": lambda: DetectionAttack("aware", {"epsilon": eps, "steps": args.aware_steps,
                                                    "step_size": args.aware_step_size, "targets": args.aware_targets,
                                                    "kappa": args.aware_kappa, "c": args.aware_c, "random_start": "uniform",
                                                    "keeps": "per example the first iterate misclassified and accepted by "
                                                             "all three detectors, else the one accepted by most"},
                                          _aware(PGDConfig("linf", eps, args.aware_step_size, args.aware_steps),
-                                                args.aware_targets, args.aware_kappa, args.aware_c), True),
+                                                args.aware_targets, args.aware_kappa, args.aware_c)),
     }
     return [make[name]() for name in names]
 
@@ -314,9 +326,40 @@ def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
         record["accuracy_with_rejection"][name] = float(correct.float().mean())
         fooled = pairs & adv.accepted[name]
         record["adversarial_accepted"][name] = float(fooled.sum() / pairs.sum()) if pairs.any() else float("nan")
-    record["per_example"] = {"adv_predicted": adv.predicted.tolist(),
-                             "adv_accepted": {name: "".join("1" if f else "0" for f in adv.accepted[name].tolist())
-                                              for name in DETECTORS + (COMBINED,)}}
+    record["per_example"] = per_example_record(adv, "adv_")
+    return record
+
+
+def per_example_record(outcome: Outcome, prefix: str = "") -> dict:
+    """What a results.json keeps of an Outcome per example: predictions and acceptances (as strings of 0/1)."""
+    return {f"{prefix}predicted": outcome.predicted.tolist(),
+            f"{prefix}accepted": {name: "".join("1" if f else "0" for f in outcome.accepted[name].tolist())
+                                  for name in DETECTORS + (COMBINED,)}}
+
+
+def outcome_from_record(per_example: dict, prefix: str = "") -> Outcome:
+    """The Outcome (predictions and acceptances only) of a per_example_record."""
+    return Outcome(torch.tensor(per_example[f"{prefix}predicted"]), {},
+                   {name: torch.tensor([flag == "1" for flag in flags])
+                    for name, flags in per_example[f"{prefix}accepted"].items()})
+
+
+def worst_case_metrics(labels: torch.Tensor, clean: Outcome, outcomes: dict) -> dict:
+    """Accuracy without and with rejection (per detector and for all three) over the per-example worst case of
+    `outcomes` ({attack name: Outcome}, the attacks within the L-inf budget): an example counts when its clean
+    image is classified correctly (and accepted) and, under every attack, its adversarial is classified correctly
+    (or rejected)."""
+    clean_correct = clean.predicted == labels
+    robust = clean_correct.clone()
+    for adv in outcomes.values():
+        robust &= adv.predicted == labels
+    record = {"attacks": list(outcomes), "robust_accuracy": float(robust.float().mean()),
+              "accuracy_with_rejection": {}}
+    for name in DETECTORS + (COMBINED,):
+        survives = clean_correct & clean.accepted[name]
+        for adv in outcomes.values():
+            survives &= (adv.predicted == labels) | ~adv.accepted[name]
+        record["accuracy_with_rejection"][name] = float(survives.float().mean())
     return record
 
 
@@ -355,6 +398,10 @@ def study_values(record: dict) -> dict:
                     values[auc_key(attack, score)] = value
         for name, value in metrics["accuracy_with_rejection"].items():
             values[rejection_key(attack, name)] = value
+    if "worst_case" in record:
+        values[f"{WORST_CASE}:accuracy"] = record["worst_case"]["robust_accuracy"]
+        for name, value in record["worst_case"]["accuracy_with_rejection"].items():
+            values[rejection_key(WORST_CASE, name)] = value
     return values
 
 
@@ -367,7 +414,7 @@ def study_columns(attacks) -> list:
     columns = [{"key": "clean", "header": "Clean"}]
     columns += [{"key": auc_key(attack, score), "header": f"{ATTACK_LABELS[attack]} AUC {SCORE_SHORT[score]} (×10⁻²)"}
                 for attack in attacks if attack in AUTHORS_ATTACKS for score in DETECTORS]
-    columns += [{"key": rejection_key(attack, detector),
-                 "header": f"{'Clean' if attack == 'clean' else ATTACK_LABELS[attack]}, rej. {SCORE_SHORT[detector]}"}
-                for attack in ("clean", *attacks) for detector in STUDY_REJECTION]
+    rows = ("clean", *attacks, *([WORST_CASE] if len(bounded_attacks(attacks)) > 1 else []))
+    columns += [{"key": rejection_key(attack, detector), "header": f"{ATTACK_LABELS[attack]}, rej. {SCORE_SHORT[detector]}"}
+                for attack in rows for detector in STUDY_REJECTION]
     return columns

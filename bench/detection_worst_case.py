@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""The worst case of the attacks within epsilon for test_detection.py evaluations written before it computed it.
+
+test_detection.py now reports, per model, the per-example worst case of FGSM, BIM, ILCM and the detector-aware
+attack (utils/detection.py worst_case_metrics). Earlier results.json files kept each attack's predictions and
+acceptances per example but not the clean image's, so this script recomputes the clean outcome from the
+checkpoint and its detectors (the saved fit, or a refit with the evaluation's own settings), checks that it
+reproduces the stored clean accuracy and accuracy with rejection exactly, and writes the worst case:
+
+    python bench/detection_worst_case.py EVAL_DIR [EVAL_DIR ...] --data-dir data --out worst_case.json \\
+        [--replace /old/prefix /new/prefix]
+
+--replace rewrites the start of the checkpoint paths the results recorded (e.g. a study folder since copied).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from defenses.detectors import COMBINED, DETECTORS, load_or_fit_detectors, settings_for  # noqa: E402
+from utils.data import load_splits  # noqa: E402
+from utils.detection import BOUNDED_ATTACKS, clean_outcome, outcome_from_record, worst_case_metrics  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.evaluation import sharded_loader  # noqa: E402
+from utils.runtime import git_commit, resolve_device  # noqa: E402
+from utils.training import load_model  # noqa: E402
+
+
+def model_worst_case(results: dict, record: dict, checkpoint_path: Path, data_dir, device) -> dict:
+    args = results["args"]
+    model, checkpoint = load_model(checkpoint_path, device)
+    model.eval()
+    settings = settings_for(checkpoint, checkpoint_path, args["kd_kernels"], args["kd_sigma2"], args["fpr"],
+                            args["seed"])
+    detectors, status = load_or_fit_detectors(model, checkpoint, checkpoint_path, settings, data_dir, device,
+                                              args["batch_size"])
+    splits = load_splits(results["dataset"], data_dir, val_size=0, train_limit=1, test_limit=args["test_limit"],
+                         seed=args["seed"], augment=False)
+    if list(splits.test.indices) != results["test_indices"]:
+        raise UserError(f"{checkpoint_path}: the test images differ from the evaluation's")
+    loader = sharded_loader(splits.test, args["batch_size"])
+    labels = torch.tensor(results["test_labels"])
+    clean = clean_outcome(model, detectors.to(device), list(zip(loader.batch_indices, loader)), device)
+    correct = clean.predicted == labels
+    recomputed = {"accuracy": float(correct.float().mean()),
+                  **{name: float((correct & clean.accepted[name]).float().mean()) for name in DETECTORS + (COMBINED,)}}
+    stored = {"accuracy": record["clean"]["accuracy"], **record["clean"]["accuracy_with_rejection"]}
+    if recomputed != stored:
+        raise UserError(f"{checkpoint_path}: the recomputed clean outcome ({recomputed}) is not the evaluation's "
+                        f"({stored}); detectors {status}")
+    bounded = {name: outcome_from_record(record["attacks"][name]["per_example"], "adv_")
+               for name in BOUNDED_ATTACKS if name in record["attacks"]}
+    return {"label": record["label"], "checkpoint": str(checkpoint_path), "detectors": status,
+            "clean": stored, **worst_case_metrics(labels, clean, bounded),
+            "per_attack_with_rejection": {name: record["attacks"][name]["accuracy_with_rejection"] for name in bounded},
+            "per_attack_accuracy": {name: record["attacks"][name]["robust_accuracy"] for name in bounded}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evaluations", nargs="+", help="test_detection.py --out-dir folders (their results.json)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--replace", nargs=2, metavar=("OLD", "NEW"), help="rewrite checkpoint paths starting OLD")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="the JSON file to write")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    out = {"command": " ".join(["bench/detection_worst_case.py", *(argv if argv is not None else sys.argv[1:])]),
+           "git_commit": git_commit(), "evaluations": {}}
+    for folder in tqdm(args.evaluations, desc="evaluations"):
+        results = json.loads((Path(folder) / "results.json").read_text())
+        if not results.get("complete"):
+            raise UserError(f"{folder}: the evaluation is not complete")
+        models = []
+        for record in results["models"]:
+            path = record["checkpoint"]
+            if args.replace and path.startswith(args.replace[0]):
+                path = args.replace[1] + path[len(args.replace[0]):]
+            models.append(model_worst_case(results, record, Path(path), args.data_dir, device))
+        out["evaluations"][folder] = {"seed": results["seed"], "epsilon": results["epsilon"], "models": models}
+        for m in models:
+            tqdm.write(f"{folder} {m['label']}: worst case of {', '.join(m['attacks'])}: accuracy "
+                       f"{100 * m['robust_accuracy']:.1f} %, with rejection (all three) "
+                       f"{100 * m['accuracy_with_rejection'][COMBINED]:.1f} %, (K-density) "
+                       f"{100 * m['accuracy_with_rejection']['k-density']:.1f} %")
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
