@@ -94,7 +94,8 @@ EVALUATORS = {
              "the cell; the \"rej.\" columns are accuracy (%) with rejection at the clean false-positive rate "
              "eval.fpr (default 5 %, thresholds on each model's validation split) by K-density or by all three "
              "detectors together: an example counts when its clean image is classified correctly and accepted and "
-             "its adversarial is classified correctly or rejected (\"Clean, rej.\": the clean image alone). Every "
+             "its adversarial is classified correctly or rejected (\"Clean, rej.\": the clean image alone; \"Worst case "
+             "within epsilon\": only if that holds under every attack within the L-inf budget). Every "
              "number (the other detectors' accuracy with rejection, accuracy without rejection, pairs, thresholds, "
              "ROC curves) is in each seed's evaluation (seed<s>/eval-<defense>/results.md, .json, .csv; "
              "test_detection.py)"),
