@@ -75,7 +75,10 @@ def main(argv=None):
     out = {"command": " ".join(["bench/detection_worst_case.py", *(argv if argv is not None else sys.argv[1:])]),
            "git_commit": git_commit(), "evaluations": {}}
     for folder in tqdm(args.evaluations, desc="evaluations"):
-        results = json.loads((Path(folder) / "results.json").read_text())
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise UserError(f"{folder}: no results.json (a test_detection.py --out-dir is expected)")
+        results = json.loads(path.read_text())
         if not results.get("complete"):
             raise UserError(f"{folder}: the evaluation is not complete")
         models = []
