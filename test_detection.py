@@ -108,7 +108,9 @@ def build_parser():
                                       "detectors' shortfalls below their thresholds; Carlini & Wagner 2017 extended)")
     group.add_argument("--aware-steps", type=positive_int, default=50, help="steps per target")
     group.add_argument("--aware-step-size", type=positive_number, default=None, help="default epsilon / 4")
-    group.add_argument("--aware-targets", type=positive_int, default=3, help="wrong classes attacked, highest clean logit first")
+    group.add_argument("--aware-targets", type=positive_int, default=None,
+                       help="wrong classes attacked, highest clean logit first (default: all of them; on an RCE "
+                            "SmallCNN the 3 highest left 8 points more accuracy with rejection than all 9)")
     group.add_argument("--aware-kappa", type=nonnegative_number, default=2.0, help="margin cap kappa (logit units)")
     group.add_argument("--aware-c", type=positive_number, default=1.0, help="weight c of the detector terms")
 

@@ -239,6 +239,10 @@ MUTATIONS = {
         "utils/detection.py", "            survives &= (adv.predicted == labels) | ~adv.accepted[name]\n",
         "            survives = clean_correct & clean.accepted[name] & ((adv.predicted == labels) | ~adv.accepted[name])\n",
         ["tests/test_detectors.py::test_worst_case_counts_an_example_only_if_it_survives_every_attack"]),
+    "detection-aware-attack-three-targets": (
+        "utils/detection.py", "targets = min(args.aware_targets or num_classes - 1, num_classes - 1)",
+        "targets = min(args.aware_targets or 3, num_classes - 1)",
+        ["tests/test_detectors.py::test_the_detector_aware_attack_targets_every_wrong_class_by_default"]),
     "resumed-training-leaves-no-record": (
         "utils/training.py", "            self.run_dir.record_resume(self.start_epoch)\n", "",
         ["tests/test_train_standard.py::test_sigkill_then_resume_finishes_the_run"]),

@@ -203,6 +203,18 @@ def test_detector_aware_attack_beats_the_oblivious_one_with_rejection(checkpoint
     assert results["aware"]["adversarial_accepted"]["all"] > results["bim"]["adversarial_accepted"]["all"]
 
 
+def test_the_detector_aware_attack_targets_every_wrong_class_by_default():
+    parse = test_detection.build_parser().parse_args
+    args = parse(["--checkpoints", "x", "--epsilon", "0.1"])
+    args.aware_step_size = 0.025
+    [aware] = build_detection_attacks(["aware"], args, 10)
+    assert aware.settings["targets"] == 9 and aware.bounded
+    args.aware_targets = 3
+    assert build_detection_attacks(["aware"], args, 10)[0].settings["targets"] == 3
+    args.aware_targets = 20  # more than there are: every wrong class
+    assert build_detection_attacks(["aware"], args, 4)[0].settings["targets"] == 3
+
+
 def test_aware_objective_is_the_capped_margin_plus_the_detectors_shortfalls():
     kernels = torch.zeros(4, 3)
     density = KernelDensity(kernels, torch.tensor([0, 0, 1, 1]), sigma2=1.0, num_classes=2)

@@ -40,9 +40,10 @@ def test_the_rce_presets_plan_ce_and_rce_trainings_and_detection_evaluations(pre
             assert evaluation.script == "test_detection.py" and evaluation.kind == "eval"
             assert evaluation.deps == [f"seed{seed}/{defense}"]
             assert evaluation.inputs == [Path(f"study/seed{seed}/{defense}/best.pt")]
-            # C&W's settings written out, so that no record of the earlier defaults is reused for these
+            # C&W's and the detector-aware attack's settings written out, so that no record of the earlier
+            # defaults (C&W lr 0.01; 3 targets) is reused for these
             assert evaluation.argv == ["--test-limit", "1000", "--attacks", *ATTACKS, "--cw-steps", "100",
-                                       "--cw-hc-steps", "200", "--cw-lr", "0.1",
+                                       "--cw-hc-steps", "200", "--cw-lr", "0.1", "--aware-targets", "9",
                                        "--checkpoints", f"study/seed{seed}/{defense}/best.pt",
                                        "--labels", {"sce": "SCE", "rce": "RCE"}[defense], "--seed", str(seed),
                                        "--out-dir", f"study/seed{seed}/eval-{defense}", "--device", "cpu",

@@ -175,8 +175,9 @@ def _aware(config: PGDConfig, targets: int, kappa: float, c: float):
 
 
 def build_detection_attacks(names, args, num_classes: int) -> list:
-    """DetectionAttack objects from test_detection.py's resolved settings."""
+    """DetectionAttack objects from test_detection.py's resolved settings (--aware-targets None: every wrong class)."""
     eps = args.epsilon
+    targets = min(args.aware_targets or num_classes - 1, num_classes - 1)
     make = {
         "fgsm": lambda: DetectionAttack("fgsm", {"epsilon": eps, "steps": 1, "step_size": eps, "label": "predicted",
                                                  "random_start": "none"},
@@ -207,12 +208,12 @@ def build_detection_attacks(names, args, num_classes: int) -> list:
                                          _cw(num_classes, args.cw_hc_confidence, args.cw_hc_steps, args.cw_search_steps,
                                              args.cw_lr, args.cw_initial_const)),
         "aware": lambda: DetectionAttack("aware", {"epsilon": eps, "steps": args.aware_steps,
-                                                   "step_size": args.aware_step_size, "targets": args.aware_targets,
+                                                   "step_size": args.aware_step_size, "targets": targets,
                                                    "kappa": args.aware_kappa, "c": args.aware_c, "random_start": "uniform",
                                                    "keeps": "per example the first iterate misclassified and accepted by "
                                                             "all three detectors, else the one accepted by most"},
                                          _aware(PGDConfig("linf", eps, args.aware_step_size, args.aware_steps),
-                                                args.aware_targets, args.aware_kappa, args.aware_c)),
+                                                targets, args.aware_kappa, args.aware_c)),
     }
     return [make[name]() for name in names]
 
