@@ -43,7 +43,7 @@ from utils.cli import (ArgumentParser, add_checkpoints_to_evaluate, nonnegative_
                        parse_evaluation_args, positive_int, positive_number)
 from utils.data import dataset_info, load_splits
 from utils.detection import (ATTACK_LABELS, AUTHORS_ATTACKS, DETECTION_ATTACKS, DETECTION_BATCHES, WORST_CASE,
-                             attack_metrics, attack_outcome, build_detection_attacks, clean_outcome,
+                             attack_metrics, attack_outcome, build_detection_attacks, clean_metrics, clean_outcome,
                              per_example_record, study_columns, weak_minimum_norm_attack, worst_case_metrics)
 from utils.eval_journal import open_journals, remove_journal
 from utils.errors import UserError, run_main
@@ -172,23 +172,27 @@ def rejection_table(records, attacks) -> list:
     header = "| Attack | " + " | ".join(f"{r['label']}: {c}" for r in records
                                         for c in ["no rejection"] + [DETECTOR_LABELS[d] for d in columns]) + " |"
     lines = [header, "|---|" + "---:|" * (len(records) * (len(columns) + 1))]
-    cells = []
-    for r in records:
-        cells += [fmt(r["clean"]["accuracy"])] + [fmt(r["clean"]["accuracy_with_rejection"][d]) for d in columns]
-    lines.append("| clean | " + " | ".join(cells) + " |")
-    for name in attacks:
-        cells = []
-        for r in records:
-            a = r["attacks"][name]
-            cells += [fmt(a["robust_accuracy"])] + [fmt(a["accuracy_with_rejection"][d]) for d in columns]
-        lines.append(f"| {ATTACK_LABELS[name]} | " + " | ".join(cells) + " |")
-    if all("worst_case" in r for r in records):
-        cells = []
-        for r in records:
-            w = r["worst_case"]
-            cells += [fmt(w["robust_accuracy"])] + [fmt(w["accuracy_with_rejection"][d]) for d in columns]
-        lines.append(f"| {worst_case_label(records[0]['worst_case']['attacks'])} | " + " | ".join(cells) + " |")
+    for row, metrics in rejection_rows(records, attacks):
+        cells = [fmt(value) for m in metrics for value in accuracies(m)]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
+
+
+def rejection_rows(records, attacks):
+    """(row label, each record's metrics) of the accuracy-with-rejection table: clean, each attack and, when every
+    record has it, the worst case of the attacks within epsilon."""
+    yield "clean", [r["clean"] for r in records]
+    for name in attacks:
+        yield ATTACK_LABELS[name], [r["attacks"][name] for r in records]
+    if all("worst_case" in r for r in records):
+        yield worst_case_label(records[0]["worst_case"]["attacks"]), [r["worst_case"] for r in records]
+
+
+def accuracies(metrics) -> list:
+    """Accuracy without rejection, then with rejection per detector and by all three (a clean, attack or worst-case
+    record)."""
+    return [metrics["accuracy"] if "accuracy" in metrics else metrics["robust_accuracy"]] + [
+        metrics["accuracy_with_rejection"][d] for d in DETECTORS + (COMBINED,)]
 
 
 def worst_case_label(attacks) -> str:
@@ -252,18 +256,13 @@ def results_csv(records) -> str:
     writer.writerow(["label", "checkpoint", "head", "attack", "pairs"] + [f"auc:{d}" for d in DETECTORS]
                     + ["accuracy:no_rejection"] + [f"accuracy_with_rejection:{d}" for d in columns] + ["seconds"])
     for r in records:
-        writer.writerow([r["label"], r["checkpoint"], r["head"], "clean", ""] + [""] * len(DETECTORS)
-                        + [f"{r['clean']['accuracy']:.6f}"]
-                        + [f"{r['clean']['accuracy_with_rejection'][d]:.6f}" for d in columns] + [""])
-        for name, a in r["attacks"].items():
-            writer.writerow([r["label"], r["checkpoint"], r["head"], name, a["pairs"]]
-                            + [f"{a['auc'][d]:.6f}" for d in DETECTORS] + [f"{a['robust_accuracy']:.6f}"]
-                            + [f"{a['accuracy_with_rejection'][d]:.6f}" for d in columns] + [f"{a['seconds']:.3f}"])
-        if "worst_case" in r:
-            w = r["worst_case"]
-            writer.writerow([r["label"], r["checkpoint"], r["head"], WORST_CASE, ""] + [""] * len(DETECTORS)
-                            + [f"{w['robust_accuracy']:.6f}"]
-                            + [f"{w['accuracy_with_rejection'][d]:.6f}" for d in columns] + [""])
+        rows = [("clean", r["clean"]), *r["attacks"].items()] + ([(WORST_CASE, r["worst_case"])]
+                                                                 if "worst_case" in r else [])
+        for name, m in rows:
+            auc = [f"{m['auc'][d]:.6f}" for d in DETECTORS] if "auc" in m else [""] * len(DETECTORS)
+            writer.writerow([r["label"], r["checkpoint"], r["head"], name, m.get("pairs", "")] + auc
+                            + [f"{value:.6f}" for value in accuracies(m)]
+                            + [f"{m['seconds']:.3f}" if "seconds" in m else ""])
     return buffer.getvalue()
 
 
@@ -365,11 +364,7 @@ def main(argv=None):
                                 "thresholds": detectors.thresholds, "combined_thresholds": detectors.combined,
                                 "val_fpr": detectors.val_fpr,
                                 "kernels_per_class": detectors.density.counts()},
-                  "clean": {"accuracy": float(clean_correct.float().mean()),
-                            "fpr": {n: 1.0 - float(a.float().mean()) for n, a in clean.accepted.items()},
-                            "accuracy_with_rejection": {n: float((clean_correct & a).float().mean())
-                                                        for n, a in clean.accepted.items()},
-                            "per_example": per_example_record(clean)},
+                  "clean": {**clean_metrics(test_labels, clean), "per_example": per_example_record(clean)},
                   "attacks": {}, "roc_files": []}
         bounded = {}  # the outcomes of the attacks within epsilon, for their worst case
         tqdm.write(f"{label}: clean {record['clean']['accuracy']:.2%}, test FPR "

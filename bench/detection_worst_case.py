@@ -24,9 +24,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from defenses.detectors import COMBINED, DETECTORS, load_or_fit_detectors, settings_for  # noqa: E402
+from defenses.detectors import COMBINED, load_or_fit_detectors, settings_for  # noqa: E402
 from utils.data import load_splits  # noqa: E402
-from utils.detection import BOUNDED_ATTACKS, clean_outcome, outcome_from_record, worst_case_metrics  # noqa: E402
+from utils.detection import BOUNDED_ATTACKS, clean_metrics, clean_outcome, outcome_from_record, worst_case_metrics  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.evaluation import sharded_loader  # noqa: E402
 from utils.runtime import git_commit, resolve_device  # noqa: E402
@@ -48,9 +48,8 @@ def model_worst_case(results: dict, record: dict, checkpoint_path: Path, data_di
     loader = sharded_loader(splits.test, args["batch_size"])
     labels = torch.tensor(results["test_labels"])
     clean = clean_outcome(model, detectors.to(device), list(zip(loader.batch_indices, loader)), device)
-    correct = clean.predicted == labels
-    recomputed = {"accuracy": float(correct.float().mean()),
-                  **{name: float((correct & clean.accepted[name]).float().mean()) for name in DETECTORS + (COMBINED,)}}
+    metrics = clean_metrics(labels, clean)
+    recomputed = {"accuracy": metrics["accuracy"], **metrics["accuracy_with_rejection"]}
     stored = {"accuracy": record["clean"]["accuracy"], **record["clean"]["accuracy_with_rejection"]}
     if recomputed != stored:
         raise UserError(f"{checkpoint_path}: the recomputed clean outcome ({recomputed}) is not the evaluation's "

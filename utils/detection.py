@@ -311,11 +311,13 @@ def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
     clean_correct = clean.predicted == labels
     adv_correct = adv.predicted == labels
     pairs = clean_correct & ~adv_correct
+    survival = worst_case_metrics(labels, clean, {"attack": adv})  # one attack's worst case is its own
     record = {"pairs": int(pairs.sum()), "success_rate": float((~adv_correct)[clean_correct].float().mean())
               if clean_correct.any() else float("nan"),
               "auc": {name: rank_auc(clean.scores[name][pairs], adv.scores[name][pairs]) for name in DETECTORS},
-              "robust_accuracy": float((clean_correct & adv_correct).float().mean()),
-              "accuracy_with_rejection": {}, "adversarial_accepted": {}, "seconds": round(adv.seconds, 3),
+              "robust_accuracy": survival["robust_accuracy"],
+              "accuracy_with_rejection": survival["accuracy_with_rejection"],
+              "adversarial_accepted": {}, "seconds": round(adv.seconds, 3),
               "median_l2": float(adv.l2[pairs].median()) if pairs.any() else float("nan"),
               "median_l0": float(adv.l0[pairs].float().median()) if pairs.any() else float("nan"),
               "max_linf": float(adv.linf.max()) if len(adv.linf) else float("nan")}
@@ -323,8 +325,6 @@ def attack_metrics(labels: torch.Tensor, clean: Outcome, adv: Outcome) -> dict:
         record["target_reached"] = float((adv.predicted == adv.target)[clean_correct].float().mean()) \
             if clean_correct.any() else float("nan")
     for name in DETECTORS + (COMBINED,):
-        correct = clean_correct & clean.accepted[name] & (adv_correct | ~adv.accepted[name])
-        record["accuracy_with_rejection"][name] = float(correct.float().mean())
         fooled = pairs & adv.accepted[name]
         record["adversarial_accepted"][name] = float(fooled.sum() / pairs.sum()) if pairs.any() else float("nan")
     record["per_example"] = per_example_record(adv, "adv_")
@@ -343,6 +343,16 @@ def outcome_from_record(per_example: dict, prefix: str = "") -> Outcome:
     return Outcome(torch.tensor(per_example[f"{prefix}predicted"]), {},
                    {name: torch.tensor([flag == "1" for flag in flags])
                     for name, flags in per_example[f"{prefix}accepted"].items()})
+
+
+def clean_metrics(labels: torch.Tensor, clean: Outcome) -> dict:
+    """Clean accuracy, each detector's (and all three's) false-positive rate, and accuracy with rejection: an
+    example counts when it is classified correctly and accepted."""
+    correct = clean.predicted == labels
+    return {"accuracy": float(correct.float().mean()),
+            "fpr": {name: 1.0 - float(accepted.float().mean()) for name, accepted in clean.accepted.items()},
+            "accuracy_with_rejection": {name: float((correct & accepted).float().mean())
+                                        for name, accepted in clean.accepted.items()}}
 
 
 def worst_case_metrics(labels: torch.Tensor, clean: Outcome, outcomes: dict) -> dict:
