@@ -11,7 +11,7 @@ the checkpoint's own training split (kernels) and validation split (thresholds a
   the reviewers': accuracy with rejection at the clean false-positive rate --fpr, per detector and for all three
       together: an example counts when its clean image is classified correctly and accepted and its adversarial
       is classified correctly or rejected; under the same attacks, under a detector-aware PGD attack, and in the
-      per-example worst case of the attacks within epsilon (FGSM, BIM, ILCM, detector-aware PGD).
+      per-example worst case of the attacks within epsilon (FGSM, BIM, ILCM, detector-aware PGD, AutoAttack).
 
 Writes results.json, results.csv, results.md and roc_<model>_<attack>.png into --out-dir. An interrupted run is
 continued with the same command plus --resume: every finished batch of every attack is kept in <out-dir>/progress
@@ -212,8 +212,9 @@ def results_markdown(summary, records, attacks) -> str:
              "An example counts when its clean image is classified correctly and accepted, and its adversarial is "
              "classified correctly or rejected. \"no rejection\": clean correct and adversarial correct. \"all three\": "
              "rejected when any score is below its threshold. JSMA, C&W and C&W-hc are minimum-norm attacks without a "
-             "budget, so there the columns measure detection alone; FGSM, BIM, ILCM and the detector-aware attack are "
-             f"within L-inf epsilon {summary['epsilon']:.4g}, and their worst case counts an example only if it "
+             "budget, so there the columns measure detection alone; FGSM, BIM, ILCM, the detector-aware attack and "
+             f"AutoAttack are within L-inf epsilon {summary['epsilon']:.4g}, and their worst case counts an example "
+             "only if it "
              "survives every one of them (an attacker takes, per image, whichever works).", "",
              "## Thresholds and clean false-positive rates", "",
              "| Model | head | sigma^2 | detectors | " + " | ".join(

@@ -239,6 +239,10 @@ MUTATIONS = {
         "utils/detection.py", "            survives &= (adv.predicted == labels) | ~adv.accepted[name]\n",
         "            survives = clean_correct & clean.accepted[name] & ((adv.predicted == labels) | ~adv.accepted[name])\n",
         ["tests/test_detectors.py::test_worst_case_counts_an_example_only_if_it_survives_every_attack"]),
+    "detection-worst-case-without-autoattack": (
+        "utils/detection.py", 'BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware", "aa")',
+        'BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware")',
+        ["tests/test_detectors.py::test_end_to_end_writes_every_output"]),
     "detection-aware-attack-three-targets": (
         "utils/detection.py", "targets = min(args.aware_targets or num_classes - 1, num_classes - 1)",
         "targets = min(args.aware_targets or 3, num_classes - 1)",

@@ -265,12 +265,12 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and [m["label"] for m in results["models"]] == ["CE", "RCE"]
     # what reproduce.py's study table reads (utils/evaluators.py): its columns and the number of test images
-    assert results["test_images"] == 30 and len(results["columns"]) == 37
+    assert results["test_images"] == 30 and len(results["columns"]) == 39
     assert results["columns"][-1] == {"key": "worst:rejection:all", "header": "Worst case within epsilon, rej. all three"}
     assert results["columns"][:2] == [{"key": "clean", "header": "Clean"},
                                       {"key": "fgsm:auc:confidence", "header": "FGSM AUC conf. (×10⁻²)"}]
     for model in results["models"]:
-        assert set(model["attacks"]) == {"fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware"}
+        assert set(model["attacks"]) == {"fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware", "aa"}
         for name, attack in model["attacks"].items():
             assert set(attack["accuracy_with_rejection"]) == {"confidence", "non-me", "k-density", "all"}
             assert (out / f"roc_{model['label']}_{name}.png").stat().st_size > 1000
@@ -281,14 +281,18 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
         clean = outcome_from_record(model["clean"]["per_example"])
         assert float((clean.predicted == labels).float().mean()) == pytest.approx(model["clean"]["accuracy"])
         bounded = {n: outcome_from_record(model["attacks"][n]["per_example"], "adv_")
-                   for n in ("fgsm", "bim", "ilcm", "aware")}
+                   for n in ("fgsm", "bim", "ilcm", "aware", "aa")}
         assert model["worst_case"] == worst_case_metrics(labels, clean, bounded)
-        for name in ("fgsm", "bim", "ilcm", "aware"):
+        # AutoAttack breaks the classifier: the worst case without rejection is at most its robust accuracy
+        assert model["attacks"]["aa"]["robust_accuracy"] < model["clean"]["accuracy"]
+        assert model["worst_case"]["robust_accuracy"] <= model["attacks"]["aa"]["robust_accuracy"]
+        assert model["attacks"]["aa"]["max_linf"] <= 0.1 + 1e-6
+        for name in ("fgsm", "bim", "ilcm", "aware", "aa"):
             assert model["worst_case"]["accuracy_with_rejection"]["all"] <= \
                 model["attacks"][name]["accuracy_with_rejection"]["all"]
     markdown = (out / "results.md").read_text()
     for fragment in ("ROC AUC", "accuracy (%) with rejection", "| C&W-hc |", "detector-aware PGD", "Git commit",
-                     "| worst case (FGSM, BIM, ILCM, detector-aware PGD) |",
+                     "| worst case (FGSM, BIM, ILCM, detector-aware PGD, AutoAttack) |", "| AutoAttack |",
                      "Command: `test_detection.py", "Wall time"):
         assert fragment in markdown
     # bench/detection_worst_case.py recomputes the same worst case for a results.json written without it
@@ -304,7 +308,7 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
         assert again["accuracy_with_rejection"] == model["worst_case"]["accuracy_with_rejection"]
         assert again["robust_accuracy"] == model["worst_case"]["robust_accuracy"]
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 9 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
+    assert len(rows) == 1 + 2 * 10 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
     assert json.loads((out / "warnings.json").read_text())["warnings"] == results["warnings"]
 
 

@@ -17,7 +17,7 @@ from utils.presets import PRESETS
 from utils.study import REFERENCE_TABLES, comparison, comparison_csv, comparison_markdown, paper_markdown, write_study
 
 FMNIST, MNIST = "rce-fashion-mnist-cpu", "rce-mnist-cpu"
-ATTACKS = ["fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware"]
+ATTACKS = ["fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc", "aware", "aa"]
 SCORES = ["confidence", "non-me", "k-density"]
 
 
@@ -107,13 +107,13 @@ def fake_record(base: float, nan_auc=()) -> dict:
               "attacks": {}}
     for a, attack in enumerate(ATTACKS):
         auc = {s: (float("nan") if attack in nan_auc else base - 0.1 * i - 0.01 * a) for i, s in enumerate(SCORES)}
-        if attack == "aware":  # the detector-aware attack is not in the authors' table: its AUC stays out
+        if attack in ("aware", "aa"):  # not in the authors' table: their AUC stays out
             auc = {s: 0.5 for s in SCORES}
         record["attacks"][attack] = {"pairs": 0 if attack in nan_auc else 10, "auc": auc,
                                      "robust_accuracy": base / 2 - 0.01 * a,
                                      "accuracy_with_rejection": {d: base / 2 + 0.02 * i - 0.01 * a
                                                                  for i, d in enumerate(detectors)}}
-    record["worst_case"] = {"attacks": ["fgsm", "bim", "ilcm", "aware"], "robust_accuracy": base / 4,
+    record["worst_case"] = {"attacks": ["fgsm", "bim", "ilcm", "aware", "aa"], "robust_accuracy": base / 4,
                             "accuracy_with_rejection": {d: base / 4 + 0.01 * i for i, d in enumerate(detectors)}}
     return record
 
@@ -130,11 +130,11 @@ def test_the_rows_reader_turns_a_record_into_auc_and_rejection_columns(tmp_path)
     columns = study_columns(ATTACKS)
     keys = [c["key"] for c in columns]
     assert keys[:4] == ["clean", "fgsm:auc:confidence", "fgsm:auc:non-me", "fgsm:auc:k-density"]
-    # clean, 6 attacks of the authors' x 3 scores, then K-density and all three for clean, 7 attacks, worst case
-    assert len(keys) == 1 + 6 * 3 + 9 * 2 and len(set(keys)) == len(keys)
-    assert keys[-4:] == ["aware:rejection:k-density", "aware:rejection:all", "worst:rejection:k-density",
-                         "worst:rejection:all"]
-    assert "aware:auc:confidence" not in keys and "clean:rejection:all" in keys
+    # clean, 6 attacks of the authors' x 3 scores, then K-density and all three for clean, 8 attacks, worst case
+    assert len(keys) == 1 + 6 * 3 + 10 * 2 and len(set(keys)) == len(keys)
+    assert keys[-6:] == ["aware:rejection:k-density", "aware:rejection:all", "aa:rejection:k-density",
+                         "aa:rejection:all", "worst:rejection:k-density", "worst:rejection:all"]
+    assert "aware:auc:confidence" not in keys and "aa:auc:confidence" not in keys and "clean:rejection:all" in keys
     headers = {c["key"]: c["header"] for c in columns}
     assert headers["cw-hc:auc:non-me"] == "C&W-hc AUC non-ME (×10⁻²)"
     assert headers["aware:rejection:all"] == "detector-aware PGD, rej. all three"
@@ -171,7 +171,7 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     fake_study(tasks, evaluate)
     table = comparison(config, list(tasks.values()))
     assert [row["label"] for row in table["rows"]] == ["SCE", "RCE"]
-    assert len(table["columns"]) == 37 and table["columns"][1] == ("fgsm:auc:confidence", "FGSM AUC conf. (×10⁻²)")
+    assert len(table["columns"]) == 39 and table["columns"][1] == ("fgsm:auc:confidence", "FGSM AUC conf. (×10⁻²)")
     rce = table["cells"]["rce"]
     assert rce["fgsm:auc:confidence"]["values"] == pytest.approx([0.9, 0.95])
     assert rce["fgsm:auc:confidence"]["mean"] == pytest.approx(0.925) and rce["clean"]["n"] == 2
@@ -179,13 +179,13 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     assert table["cells"]["sce"]["cw-hc:auc:k-density"]["n"] == 2
     markdown = comparison_markdown(config, table).splitlines()
     assert markdown[0].startswith("| Defense | Clean | FGSM AUC conf. (×10⁻²) | FGSM AUC non-ME (×10⁻²) |")
-    assert markdown[0].endswith("| detector-aware PGD, rej. all three | Worst case within epsilon, rej. K-dens. | "
+    assert markdown[0].endswith("| AutoAttack, rej. all three | Worst case within epsilon, rej. K-dens. | "
                                 "Worst case within epsilon, rej. all three |")
     # AUC 0.9 and 0.95 read 92.50 (x10^-2), as the paper writes them; a single defined seed has no spread
     assert markdown[3].startswith("| RCE | 92.50 ± 3.54 | 92.50 ± 3.54 | 82.50 ± 3.54 |")
     assert "| 65.00 |" in markdown[3]
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
-    assert len(rows) == 2 * 37 and {r["defense"] for r in rows} == {"sce", "rce"}
+    assert len(rows) == 2 * 39 and {r["defense"] for r in rows} == {"sce", "rce"}
     write_study(config, list(tasks.values()), tmp_path, {}, {"seconds": 1.0, "machine": "test"})
     text = (tmp_path / "results.md").read_text()
     assert "the AUC columns are the RCE paper's protocol" in text and "every number" in text.lower()
@@ -212,7 +212,7 @@ def test_a_tiny_rce_study_end_to_end(fmnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     keys = [c["key"] for c in results["columns"]]
-    assert len(keys) == 37 and keys[0] == "clean" and keys[-1] == "worst:rejection:all"
+    assert len(keys) == 39 and keys[0] == "clean" and keys[-1] == "worst:rejection:all"
     assert [row["label"] for row in results["rows"]] == ["SCE", "RCE"]
     for seed in (0, 1):
         for defense, head in (("sce", "softmax"), ("rce", "rce")):

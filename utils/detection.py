@@ -13,7 +13,10 @@ with the highest clean logits, ascending
     min(margin_t, kappa) + c [min(0, log KD_t(x') - log tau_KD) + min(0, nonME(x') - tau_nonME)
                               + min(0, log conf(x') - log tau_conf)]
 (Carlini & Wagner 2017's density term, extended to the other two scores), keeping per example the first iterate
-that is misclassified and accepted by all three detectors, else the one accepted by the most of them.
+that is misclassified and accepted by all three detectors, else the one accepted by the most of them; and
+AutoAttack (aa: the reference code, version standard, on h and the true label, within epsilon), which ignores the
+detectors but is the strongest attack on the classifier: the worst case of the attacks within epsilon is then at
+most AutoAttack's robust accuracy, and its adversarials still have to get past the detectors.
 advertorch's CW and JSMA read the logits as logits (argmax; CW masks the target with -1e4, right while |h| < 1e4);
 torchattacks' CW and margin PGD are not used (they mask with (1 - one_hot), wrong on all-negative logits).
 """
@@ -29,18 +32,18 @@ from defenses.rce import logits_and_features
 from utils.advertorch_compat import advertorch_attacks
 from utils.attacks import PGDConfig, ascend, frozen_eval, pgd_attack, random_start, targeted_margin
 from utils.eval_journal import JournalCodec
-from utils.evaluation import batch_seed, isolated_rng
+from utils.evaluation import autoattack_craft, autoattack_module, batch_seed, isolated_rng
 
 JSMA_CHUNK = 16
 AUTHORS_ATTACKS = ("fgsm", "bim", "ilcm", "jsma", "cw", "cw-hc")
-DETECTION_ATTACKS = AUTHORS_ATTACKS + ("aware",)
+DETECTION_ATTACKS = AUTHORS_ATTACKS + ("aware", "aa")
 # the attacks within the L-inf epsilon; JSMA, C&W and C&W-hc are minimum-norm attacks without a budget
-BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware")
+BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware", "aa")
 # The attacker picks, per image, whichever attack within the budget works: an example survives the worst case
 # only if it survives every one of them (AutoAttack's worst case, here with rejection).
 WORST_CASE = "worst"
 ATTACK_LABELS = {"fgsm": "FGSM", "bim": "BIM", "ilcm": "ILCM", "jsma": "JSMA", "cw": "C&W", "cw-hc": "C&W-hc",
-                 "aware": "detector-aware PGD", "clean": "Clean", WORST_CASE: "Worst case within epsilon"}
+                 "aware": "detector-aware PGD", "aa": "AutoAttack", "clean": "Clean", WORST_CASE: "Worst case within epsilon"}
 
 
 def bounded_attacks(attacks) -> list:
@@ -168,6 +171,14 @@ def detector_aware_attack(model, detectors: Detectors, x, y, config: PGDConfig, 
     return best.detach(), best_target
 
 
+def _autoattack_on_logits(epsilon: float):
+    """AutoAttack (standard) as test_comparison.py runs it, seeded from the batch's generator; detector-oblivious."""
+    def craft(model, detectors, x, y, generator):
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device))
+        return autoattack_craft(epsilon, "standard", seed)(model, x, y, generator).x_adv, None
+    return craft
+
+
 def _aware(config: PGDConfig, targets: int, kappa: float, c: float):
     def craft(model, detectors, x, y, generator):
         return detector_aware_attack(model, detectors, x, y, config, targets, kappa, c, generator)
@@ -214,6 +225,9 @@ def build_detection_attacks(names, args, num_classes: int) -> list:
                                                             "all three detectors, else the one accepted by most"},
                                          _aware(PGDConfig("linf", eps, args.aware_step_size, args.aware_steps),
                                                 targets, args.aware_kappa, args.aware_c)),
+        "aa": lambda: DetectionAttack("aa", {"epsilon": eps, "version": "standard", "label": "true",
+                                             "detectors": "ignored", "implementation": autoattack_module()},
+                                      _autoattack_on_logits(eps)),
     }
     return [make[name]() for name in names]
 

@@ -264,7 +264,7 @@ def autoattack_log():
         logger.propagate = propagate
 
 
-def _autoattack(epsilon: float, version: str, seed: int):
+def autoattack_craft(epsilon: float, version: str, seed: int):
     """AutoAttack exactly as its authors run it (version 'standard': APGD-CE, APGD-T, FAB-T, Square;
     100 iterations, 5000 queries); the two packagings differ only in argument names. Its progress
     (attack by attack) is shown, and its own checks' warnings are reported with the results."""
@@ -377,7 +377,7 @@ def build_attacks(names, args, num_classes: int) -> list:
         "aa": lambda: Attack("aa", "AA", "linf", eps,
                              {"epsilon": eps, "version": args.aa_version, "seed": attack_seed(args.seed, "aa"),
                               "implementation": f"{autoattack_module()}.AutoAttack"},
-                             _autoattack(eps, args.aa_version, attack_seed(args.seed, "aa"))),
+                             autoattack_craft(eps, args.aa_version, attack_seed(args.seed, "aa"))),
         "fwa": lambda: Attack("fwa", f"FWA-{fwa.num_steps}", "wasserstein", fwa.radius,
                               {"radius": fwa.radius, "steps": fwa.num_steps, "kernel_size": fwa.kernel_size,
                                "entropy": fwa.entropy, "dual_steps": fwa.dual_steps, "step_rule": "2/(t+2)",

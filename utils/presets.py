@@ -131,7 +131,7 @@ MNIST_DETECTION_CW = {"cw-steps": 500, "cw-hc-steps": 500, "cw-search-steps": 4,
 # all 9); ~3x its time.
 DETECTION_AWARE = {"aware-targets": 9}
 # every attack of test_detection.py (its default; written out over _paper_like's test_comparison.py attacks)
-DETECTION_ATTACKS = "fgsm bim ilcm jsma cw cw-hc aware"
+DETECTION_ATTACKS = "fgsm bim ilcm jsma cw cw-hc aware aa"
 
 
 def _paper_like(dataset, epsilons, description, **sections):
