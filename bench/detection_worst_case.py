@@ -11,6 +11,11 @@ reproduces the stored clean accuracy and accuracy with rejection exactly, and wr
         [--replace /old/prefix /new/prefix]
 
 --replace rewrites the start of the checkpoint paths the results recorded (e.g. a study folder since copied).
+
+With --combine, the evaluations are of the same models with different attacks (e.g. AutoAttack run after the
+others): each model's bounded attacks are gathered from every evaluation of its checkpoint on the same test
+images, which must agree on the clean outcome (results.json's per-example clean record) and on any attack they
+share, and their worst case is written per checkpoint.
 """
 import argparse
 import json
@@ -62,24 +67,78 @@ def model_worst_case(results: dict, record: dict, checkpoint_path: Path, data_di
             "per_attack_accuracy": {name: record["attacks"][name]["robust_accuracy"] for name in bounded}}
 
 
+def combined_worst_case(evaluations: dict) -> list:
+    """{folder: results.json} of evaluations of the same models -> per checkpoint, the worst case of the bounded
+    attacks all of them ran (each evaluation's records carry the clean outcome per example)."""
+    groups = {}
+    for folder, results in evaluations.items():
+        for record in results["models"]:
+            if "per_example" not in record["clean"]:
+                raise UserError(f"{folder}: no per-example clean record (written before 7ce80bc); run without --combine")
+            key = (record["checkpoint"], results["seed"], tuple(results["test_indices"]))
+            groups.setdefault(key, []).append((folder, results, record))
+    models = []
+    for (checkpoint, seed, _), members in groups.items():
+        _, first_results, first = members[0]
+        bounded, sources = {}, {}
+        for folder, results, record in members:
+            if results["test_labels"] != first_results["test_labels"] or results["epsilon"] != first_results["epsilon"]:
+                raise UserError(f"{folder}: {checkpoint} was evaluated at another epsilon or on other labels")
+            if record["clean"]["per_example"] != first["clean"]["per_example"]:
+                raise UserError(f"{folder}: the clean outcome of {checkpoint} differs from {members[0][0]}'s "
+                                "(other detectors?)")
+            for name in BOUNDED_ATTACKS:
+                if name not in record["attacks"]:
+                    continue
+                if name in bounded and record["attacks"][name]["per_example"] != bounded[name]["per_example"]:
+                    raise UserError(f"{folder}: its {name} on {checkpoint} differs from {sources[name]}'s")
+                bounded[name], sources[name] = record["attacks"][name], folder
+        labels = torch.tensor(first_results["test_labels"])
+        clean = outcome_from_record(first["clean"]["per_example"])
+        outcomes = {name: outcome_from_record(bounded[name]["per_example"], "adv_") for name in BOUNDED_ATTACKS
+                    if name in bounded}
+        models.append({"label": first["label"], "checkpoint": checkpoint, "seed": seed, "sources": sources,
+                       "clean": {"accuracy": first["clean"]["accuracy"], **first["clean"]["accuracy_with_rejection"]},
+                       **worst_case_metrics(labels, clean, outcomes),
+                       "per_attack_with_rejection": {n: a["accuracy_with_rejection"] for n, a in bounded.items()},
+                       "per_attack_accuracy": {n: a["robust_accuracy"] for n, a in bounded.items()}})
+    return models
+
+
+def read_results(folder) -> dict:
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no results.json (a test_detection.py --out-dir is expected)")
+    results = json.loads(path.read_text())
+    if not results.get("complete"):
+        raise UserError(f"{folder}: the evaluation is not complete")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evaluations", nargs="+", help="test_detection.py --out-dir folders (their results.json)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--replace", nargs=2, metavar=("OLD", "NEW"), help="rewrite checkpoint paths starting OLD")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--combine", action="store_true",
+                        help="join the bounded attacks of several evaluations of the same checkpoints")
     parser.add_argument("--out", required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     out = {"command": " ".join(["bench/detection_worst_case.py", *(argv if argv is not None else sys.argv[1:])]),
            "git_commit": git_commit(), "evaluations": {}}
+    if args.combine:
+        out["models"] = models = combined_worst_case({folder: read_results(folder) for folder in args.evaluations})
+        del out["evaluations"]
+        for m in models:
+            tqdm.write(f"{m['checkpoint']}: worst case of {', '.join(m['attacks'])}: accuracy "
+                       f"{100 * m['robust_accuracy']:.1f} %, with rejection (all three) "
+                       f"{100 * m['accuracy_with_rejection'][COMBINED]:.1f} %")
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     for folder in tqdm(args.evaluations, desc="evaluations"):
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            raise UserError(f"{folder}: no results.json (a test_detection.py --out-dir is expected)")
-        results = json.loads(path.read_text())
-        if not results.get("complete"):
-            raise UserError(f"{folder}: the evaluation is not complete")
+        results = read_results(folder)
         models = []
         for record in results["models"]:
             path = record["checkpoint"]

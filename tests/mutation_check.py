@@ -243,6 +243,10 @@ MUTATIONS = {
         "utils/detection.py", 'BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware", "aa")',
         'BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware")',
         ["tests/test_detectors.py::test_end_to_end_writes_every_output"]),
+    "combined-worst-case-skips-the-clean-check": (
+        "bench/detection_worst_case.py", 'if record["clean"]["per_example"] != first["clean"]["per_example"]:',
+        'if False:',
+        ["tests/test_detectors.py::test_combining_evaluations_of_the_same_model_gives_the_joint_runs_worst_case"]),
     "detection-aware-attack-three-targets": (
         "utils/detection.py", "targets = min(args.aware_targets or num_classes - 1, num_classes - 1)",
         "targets = min(args.aware_targets or 3, num_classes - 1)",

@@ -16,6 +16,7 @@ from defenses.detectors import (DEFAULT_SIGMA2, Detectors, KernelDensity, combin
 from tests.helpers import interrupt_then_resume, assert_one_line_error, run_script
 from utils.detection import (Outcome, attack_metrics, attack_outcome, aware_objective, build_detection_attacks,
                              clean_outcome, outcome_from_record, weak_minimum_norm_attack, worst_case_metrics)
+from utils.errors import UserError
 from utils.training import load_model
 
 
@@ -310,6 +311,33 @@ def test_end_to_end_writes_every_output(checkpoints, fmnist_dir, tmp_path):
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 10 and rows[0].startswith("label,checkpoint,head,attack,pairs,auc:confidence")
     assert json.loads((out / "warnings.json").read_text())["warnings"] == results["warnings"]
+
+
+def test_combining_evaluations_of_the_same_model_gives_the_joint_runs_worst_case(checkpoints, fmnist_dir, tmp_path):
+    """bench/detection_worst_case.py --combine: AutoAttack run after the other bounded attacks, joined with them,
+    gives the worst case of one run of all of them; evaluations that disagree on the clean outcome are refused."""
+    common = ["--checkpoints", str(checkpoints["rce"]), "--labels", "RCE", "--data-dir", str(fmnist_dir),
+              "--test-limit", "30", "--kd-kernels", "50", "--bim-steps", "3", "--device", "cpu"]
+    for name, attacks in (("first", ["fgsm", "bim"]), ("later", ["aa"]), ("joint", ["fgsm", "bim", "aa"])):
+        assert test_detection.main(common + ["--attacks", *attacks, "--out-dir", str(tmp_path / name)]) == 0
+    read = lambda name: json.loads((tmp_path / name / "results.json").read_text())  # noqa: E731
+    assert "worst_case" not in read("later")["models"][0]  # one bounded attack alone: no worst case
+    out = tmp_path / "combined.json"
+    assert detection_worst_case.main([str(tmp_path / "first"), str(tmp_path / "later"), "--combine",
+                                      "--out", str(out)]) == 0
+    [combined] = json.loads(out.read_text())["models"]
+    joint = read("joint")["models"][0]["worst_case"]
+    assert combined["attacks"] == joint["attacks"] == ["fgsm", "bim", "aa"]
+    assert combined["robust_accuracy"] == joint["robust_accuracy"]
+    assert combined["accuracy_with_rejection"] == joint["accuracy_with_rejection"]
+    assert combined["sources"] == {"fgsm": str(tmp_path / "first"), "bim": str(tmp_path / "first"),
+                                   "aa": str(tmp_path / "later")}
+    tampered = read("later")
+    flags = tampered["models"][0]["clean"]["per_example"]["accepted"]["all"]
+    tampered["models"][0]["clean"]["per_example"]["accepted"]["all"] = ("1" if flags[0] == "0" else "0") + flags[1:]
+    (tmp_path / "later" / "results.json").write_text(json.dumps(tampered))
+    with pytest.raises(UserError, match="clean outcome"):
+        detection_worst_case.main([str(tmp_path / "first"), str(tmp_path / "later"), "--combine", "--out", str(out)])
 
 
 def test_an_interrupted_detection_evaluation_resumes_to_the_uninterrupted_results(checkpoints, fmnist_dir, tmp_path,
