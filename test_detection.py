@@ -214,8 +214,7 @@ def results_markdown(summary, records, attacks) -> str:
              "rejected when any score is below its threshold. JSMA, C&W and C&W-hc are minimum-norm attacks without a "
              "budget, so there the columns measure detection alone; FGSM, BIM, ILCM, the detector-aware attack and "
              f"AutoAttack are within L-inf epsilon {summary['epsilon']:.4g}, and their worst case counts an example "
-             "only if it "
-             "survives every one of them (an attacker takes, per image, whichever works).", "",
+             "only if it survives every one of them (an attacker takes, per image, whichever works).", "",
              "## Thresholds and clean false-positive rates", "",
              "| Model | head | sigma^2 | detectors | " + " | ".join(
                  f"tau {DETECTOR_LABELS[d]}" for d in DETECTORS) + " | " + " | ".join(

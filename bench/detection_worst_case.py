@@ -31,11 +31,33 @@ from tqdm import tqdm  # noqa: E402
 
 from defenses.detectors import COMBINED, load_or_fit_detectors, settings_for  # noqa: E402
 from utils.data import load_splits  # noqa: E402
-from utils.detection import BOUNDED_ATTACKS, clean_metrics, clean_outcome, outcome_from_record, worst_case_metrics  # noqa: E402
+from utils.detection import (BOUNDED_ATTACKS, clean_metrics, clean_outcome, outcome_from_record,  # noqa: E402
+                             worst_case_metrics)
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.evaluation import sharded_loader  # noqa: E402
 from utils.runtime import git_commit, resolve_device  # noqa: E402
 from utils.training import load_model  # noqa: E402
+
+
+def clean_summary(clean: dict) -> dict:
+    """A results.json clean record's accuracy and accuracy with rejection, in one flat dict."""
+    return {"accuracy": clean["accuracy"], **clean["accuracy_with_rejection"]}
+
+
+def worst_case_entry(labels: torch.Tensor, clean, attacks: dict) -> dict:
+    """The worst case of `attacks` ({name: results.json attack record}, the bounded ones) beside each one's own
+    accuracy with and without rejection."""
+    outcomes = {name: outcome_from_record(attacks[name]["per_example"], "adv_") for name in BOUNDED_ATTACKS
+                if name in attacks}
+    return {**worst_case_metrics(labels, clean, outcomes),
+            "per_attack_with_rejection": {name: attacks[name]["accuracy_with_rejection"] for name in outcomes},
+            "per_attack_accuracy": {name: attacks[name]["robust_accuracy"] for name in outcomes}}
+
+
+def summary_line(m: dict) -> str:
+    return (f"worst case of {', '.join(m['attacks'])}: accuracy {100 * m['robust_accuracy']:.1f} %, with rejection "
+            f"(all three) {100 * m['accuracy_with_rejection'][COMBINED]:.1f} %, (K-density) "
+            f"{100 * m['accuracy_with_rejection']['k-density']:.1f} %")
 
 
 def model_worst_case(results: dict, record: dict, checkpoint_path: Path, data_dir, device) -> dict:
@@ -54,17 +76,12 @@ def model_worst_case(results: dict, record: dict, checkpoint_path: Path, data_di
     labels = torch.tensor(results["test_labels"])
     clean = clean_outcome(model, detectors.to(device), list(zip(loader.batch_indices, loader)), device)
     metrics = clean_metrics(labels, clean)
-    recomputed = {"accuracy": metrics["accuracy"], **metrics["accuracy_with_rejection"]}
-    stored = {"accuracy": record["clean"]["accuracy"], **record["clean"]["accuracy_with_rejection"]}
+    recomputed, stored = clean_summary(metrics), clean_summary(record["clean"])
     if recomputed != stored:
         raise UserError(f"{checkpoint_path}: the recomputed clean outcome ({recomputed}) is not the evaluation's "
                         f"({stored}); detectors {status}")
-    bounded = {name: outcome_from_record(record["attacks"][name]["per_example"], "adv_")
-               for name in BOUNDED_ATTACKS if name in record["attacks"]}
     return {"label": record["label"], "checkpoint": str(checkpoint_path), "detectors": status,
-            "clean": stored, **worst_case_metrics(labels, clean, bounded),
-            "per_attack_with_rejection": {name: record["attacks"][name]["accuracy_with_rejection"] for name in bounded},
-            "per_attack_accuracy": {name: record["attacks"][name]["robust_accuracy"] for name in bounded}}
+            "clean": stored, **worst_case_entry(labels, clean, record["attacks"])}
 
 
 def combined_worst_case(evaluations: dict) -> list:
@@ -93,15 +110,10 @@ def combined_worst_case(evaluations: dict) -> list:
                 if name in bounded and record["attacks"][name]["per_example"] != bounded[name]["per_example"]:
                     raise UserError(f"{folder}: its {name} on {checkpoint} differs from {sources[name]}'s")
                 bounded[name], sources[name] = record["attacks"][name], folder
-        labels = torch.tensor(first_results["test_labels"])
         clean = outcome_from_record(first["clean"]["per_example"])
-        outcomes = {name: outcome_from_record(bounded[name]["per_example"], "adv_") for name in BOUNDED_ATTACKS
-                    if name in bounded}
         models.append({"label": first["label"], "checkpoint": checkpoint, "seed": seed, "sources": sources,
-                       "clean": {"accuracy": first["clean"]["accuracy"], **first["clean"]["accuracy_with_rejection"]},
-                       **worst_case_metrics(labels, clean, outcomes),
-                       "per_attack_with_rejection": {n: a["accuracy_with_rejection"] for n, a in bounded.items()},
-                       "per_attack_accuracy": {n: a["robust_accuracy"] for n, a in bounded.items()}})
+                       "clean": clean_summary(first["clean"]),
+                       **worst_case_entry(torch.tensor(first_results["test_labels"]), clean, bounded)})
     return models
 
 
@@ -127,16 +139,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     out = {"command": " ".join(["bench/detection_worst_case.py", *(argv if argv is not None else sys.argv[1:])]),
-           "git_commit": git_commit(), "evaluations": {}}
+           "git_commit": git_commit()}
     if args.combine:
-        out["models"] = models = combined_worst_case({folder: read_results(folder) for folder in args.evaluations})
-        del out["evaluations"]
-        for m in models:
-            tqdm.write(f"{m['checkpoint']}: worst case of {', '.join(m['attacks'])}: accuracy "
-                       f"{100 * m['robust_accuracy']:.1f} %, with rejection (all three) "
-                       f"{100 * m['accuracy_with_rejection'][COMBINED]:.1f} %")
+        out["models"] = combined_worst_case({folder: read_results(folder) for folder in args.evaluations})
+        for m in out["models"]:
+            tqdm.write(f"{m['checkpoint']}: {summary_line(m)}")
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         return 0
+    out["evaluations"] = {}
     for folder in tqdm(args.evaluations, desc="evaluations"):
         results = read_results(folder)
         models = []
@@ -147,10 +157,7 @@ def main(argv=None):
             models.append(model_worst_case(results, record, Path(path), args.data_dir, device))
         out["evaluations"][folder] = {"seed": results["seed"], "epsilon": results["epsilon"], "models": models}
         for m in models:
-            tqdm.write(f"{folder} {m['label']}: worst case of {', '.join(m['attacks'])}: accuracy "
-                       f"{100 * m['robust_accuracy']:.1f} %, with rejection (all three) "
-                       f"{100 * m['accuracy_with_rejection'][COMBINED]:.1f} %, (K-density) "
-                       f"{100 * m['accuracy_with_rejection']['k-density']:.1f} %")
+            tqdm.write(f"{folder} {m['label']}: {summary_line(m)}")
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

@@ -43,7 +43,8 @@ BOUNDED_ATTACKS = ("fgsm", "bim", "ilcm", "aware", "aa")
 # only if it survives every one of them (AutoAttack's worst case, here with rejection).
 WORST_CASE = "worst"
 ATTACK_LABELS = {"fgsm": "FGSM", "bim": "BIM", "ilcm": "ILCM", "jsma": "JSMA", "cw": "C&W", "cw-hc": "C&W-hc",
-                 "aware": "detector-aware PGD", "aa": "AutoAttack", "clean": "Clean", WORST_CASE: "Worst case within epsilon"}
+                 "aware": "detector-aware PGD", "aa": "AutoAttack", "clean": "Clean",
+                 WORST_CASE: "Worst case within epsilon"}
 
 
 def bounded_attacks(attacks) -> list:

@@ -109,12 +109,12 @@ MIXUP_CPU_ATTACKS = {"pgd-steps": 10, "eot-steps": 50, "eot-step-size": 0.01, "e
 # theta 1 gamma 0.1, C&W 5 binary steps x 100 iterations and C&W-hc 5 x 200 at confidence 10, both at Adam lr 0.1,
 # the detector-aware PGD 50 steps towards each of the 9 wrong classes), on the authors' 1000 test images. C&W's
 # settings are written out in the preset (DETECTION_CW) so that a record of the earlier defaults (lr 0.01, 50 / 100
-# iterations) is never taken for one of these: those fooled only 37-39 % of a 10-epoch CE SmallCNN's correctly classified images on
-# Fashion-MNIST (these 100 %), and C&W-hc none of the RCE model's (these 43 %, at a median L2 of 8: RCE's reversed
-# logits rarely reach a margin of 10, their clean top-1 margin has median 2.7). Timed in the first seed-0 run
-# (load ~4 on 2 cores): an evaluation took ~27 min at the old C&W settings, and the new ones add ~20 (CE) and ~30
-# (RCE) minutes on 1000 images (from 100-image probes), ~47-57 min per evaluation; with 2 jobs a 3-seed study's 6
-# evaluations take ~3 h after the trainings.
+# iterations) is never taken for one of these: those fooled only 37-39 % of a 10-epoch CE SmallCNN's correctly
+# classified images on Fashion-MNIST (these 100 %), and C&W-hc none of the RCE model's (these 43 %, at a median L2
+# of 8: RCE's reversed logits rarely reach a margin of 10, their clean top-1 margin has median 2.7). Timed in the
+# first seed-0 run (load ~4 on 2 cores): an evaluation took ~27 min at the old C&W settings, and the new ones add
+# ~20 (CE) and ~30 (RCE) minutes on 1000 images (from 100-image probes), ~47-57 min per evaluation; with 2 jobs a
+# 3-seed study's 6 evaluations take ~3 h after the trainings.
 DETECTION_TEST_LIMIT = 1000
 DETECTION_CW = {"cw-steps": 100, "cw-hc-steps": 200, "cw-lr": 0.1}
 # MNIST needs more C&W iterations: advertorch's C&W optimises in tanh space from arctanh(0.999999 (2x - 1)), and
