@@ -23,8 +23,9 @@ from utils.training import load_model  # noqa: E402
 def gradient_agreement(model, x, y) -> tuple:
     """Per example: cosine and the share of pixels (where either gradient is non-zero) with equal signs."""
     x = x.clone().requires_grad_(True)
-    honest = torch.autograd.grad(F.cross_entropy(model(x), y), x)[0].flatten(1)
-    authors = torch.autograd.grad(F.cross_entropy(F.softmax(model(x), dim=1), y), x)[0].flatten(1)
+    logits = model(x)  # log of the averaged probabilities
+    honest = torch.autograd.grad(F.cross_entropy(logits, y), x, retain_graph=True)[0].flatten(1)
+    authors = torch.autograd.grad(F.cross_entropy(F.softmax(logits, dim=1), y), x)[0].flatten(1)
     moving = (honest != 0) | (authors != 0)
     agree = ((torch.sign(honest) == torch.sign(authors)) & moving).sum(1) / moving.sum(1).clamp(min=1)
     return F.cosine_similarity(honest, authors, dim=1).tolist(), agree.tolist()
