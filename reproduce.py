@@ -196,7 +196,7 @@ def main(argv=None):
     print(summary["caption"])
     print(summary["table"], end="")
     if summary["paired"]:
-        print("each NAMID row against its baseline, on the same test images (points; exact McNemar p):")
+        print("each row against its baseline, on the same test images (points; exact McNemar p):")
         print(summary["paired"])
     warnings = summary["warnings"]
     print(f"{len(warnings)} warning(s) from the stages (also in results.md):" if warnings else "no warnings from any stage")

@@ -1,10 +1,10 @@
 """utils/paired.py and the study's paired section: per-example flags as the records count them, McNemar's exact
-p-value against hand computations, and the NAMID-against-baseline table of a study."""
+p-value against hand computations, and the table of each row against its baseline in a study."""
 import json
 
 import pytest
 
-from tests.test_reproduce_seed_talk import fake_study, plan
+from tests.test_reproduce_seed_talk import ADP, TALK, fake_study, plan
 from utils.paired import mcnemar_p, paired_counts, per_example_flags
 from utils.study import comparison, paired_comparisons, paired_markdown, paired_tables, write_study
 
@@ -77,7 +77,7 @@ def test_the_study_pairs_each_namid_row_with_its_baseline_per_seed(tmp_path):
     assert "| seed 0 | +12.50 (p 1) | +25.00 (p 0.5) | +12.50 (p 1) | +12.50 (p 1) |" in markdown
     assert "| mean ± std over seeds | +6.25 ± 8.84 | +6.25 ± 26.52 | +0.00 ± 17.68 | +0.00 ± 17.68 |" in markdown
     write_study(config, list(tasks.values()), tmp_path, {}, {"seconds": 1.0, "machine": "test"})
-    assert "## Each NAMID row against its baseline, on the same test images" in (tmp_path / "results.md").read_text()
+    assert "## Each row against its baseline, on the same test images" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["paired"][1]["label"] == "NAMID-T − TRADES"
 
 
@@ -88,3 +88,30 @@ def test_no_pair_without_the_baseline_or_other_test_images(tmp_path):
     write_eval(tasks["seed0/eval-namid"], record("11", "10", "10"), [0, 1])
     write_eval(tasks["seed0/eval-standard-at"], record("11", "10", "10"), [0, 2])  # another subset: no pairing
     assert paired_comparisons(config, list(tasks.values()), [("clean", "None")]) == []
+
+
+def test_the_talks_rows_are_paired_with_the_defense_they_modify(tmp_path):
+    config, tasks = plan(TALK, seeds=[0], out=tmp_path)
+    write_all = lambda task: write_eval(task, record("11", "10", "10"), [0, 1])  # noqa: E731
+    fake_study(tasks, write_all)
+    pairs = paired_comparisons(config, list(tasks.values()), [("clean", "None")])
+    # ADP_{2,0.5} has no pair here: the study trains no plain ensemble
+    assert [(p["defense"], p["baseline"]) for p in pairs] == [
+        ("mm-lda", "sce"), ("mmc", "sce"), ("at-mmc", "standard-at"), ("at-adp", "standard-at"),
+        ("namid-mmc", "at-mmc")]
+
+
+def test_the_adp_ensembles_are_paired_with_the_plain_ensemble_per_budget(tmp_path):
+    config, tasks = plan(ADP, seeds=[0], out=tmp_path)
+    ensemble, adp = record("1111", "1100", "1000"), record("1111", "1110", "1100")
+
+    def evaluate(task):
+        write_eval(task, ensemble if task.defense == "ensemble" else adp, [0, 1, 2, 3])
+    fake_study(tasks, evaluate)
+    table = comparison(config, list(tasks.values()))
+    pairs = paired_comparisons(config, list(tasks.values()), table["columns"])
+    assert [(p["defense"], p["baseline"]) for p in pairs] == [("adp-2-0", "ensemble"), ("adp", "ensemble")]
+    for variant in ("eps0.1", "eps0.15"):  # one column per budget: ADP right on 1 (AA) more image of 4
+        assert pairs[1]["columns"][f"{variant}:aa"]["seeds"]["0"]["difference"] == pytest.approx(0.25)
+        assert pairs[1]["columns"][f"{variant}:aa"]["pooled"]["only_first"] == 1
+    assert "| ADP_{2,0.5} − Baseline ensemble |" in "\n".join(paired_tables(pairs, table["columns"]))

@@ -1,4 +1,4 @@
-"""A NAMID row against its baseline on the same test images: the difference of accuracy per column and seed,
+"""A row against its baseline (the defense it modifies) on the same test images: the difference of accuracy per column and seed,
 and the exact McNemar test on the images where exactly one of the two models is right.
 
 The difference of two accuracies measured on the same images is far less noisy than either accuracy: an image

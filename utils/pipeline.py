@@ -60,7 +60,7 @@ class Defense:
     flags: tuple    # what makes this defense, e.g. ("--loss", "trades")
     estimators: str = None  # the stage-2 run it needs
     target: str = None      # with estimators: the stage-1 defense whose best.pt that run is trained on
-    baseline: str = None    # a NAMID row: the stage-1 defense it is compared with, per example (utils/paired.py)
+    baseline: str = None    # the stage-1 defense this row modifies, compared with per example (utils/paired.py)
 
 
 def _namid(label, flags, estimators="estimators", target=DEFAULT_TARGET, baseline=None):
@@ -79,18 +79,20 @@ DEFENSES = {
     "wmim": _namid("WMIM", ("--mi-mode", "wmim"), "only-max"),
     # the seed talk's defenses: softmax cross-entropy and the Max-Mahalanobis heads, trained naturally or with AT
     "sce": Defense("SCE", "standard", ("--loss", "natural")),
-    "mm-lda": Defense("MM-LDA", "standard", ("--loss", "natural", "--head", "mm-lda")),
-    "mmc": Defense("MMC-10", "standard", ("--loss", "natural", "--head", "mmc")),
-    "at-mm-lda": Defense("AT-MM-LDA", "standard", ("--loss", "at", "--head", "mm-lda")),
-    "at-mmc": Defense("AT-MMC-10", "standard", ("--loss", "at", "--head", "mmc")),
+    # (each head against the softmax row it replaces, trained the same way)
+    "mm-lda": Defense("MM-LDA", "standard", ("--loss", "natural", "--head", "mm-lda"), baseline="sce"),
+    "mmc": Defense("MMC-10", "standard", ("--loss", "natural", "--head", "mmc"), baseline="sce"),
+    "at-mm-lda": Defense("AT-MM-LDA", "standard", ("--loss", "at", "--head", "mm-lda"), baseline="standard-at"),
+    "at-mmc": Defense("AT-MMC-10", "standard", ("--loss", "at", "--head", "mmc"), baseline="standard-at"),
     # the ADP paper's ensembles: its baseline (alpha = beta = 0: the sum of the members' cross-entropies),
-    # ADP_{2,0}, ADP_{2,0.5}, and ADP_{2,0.5} with adversarial training
+    # ADP_{2,0}, ADP_{2,0.5} (each against the baseline ensemble), and ADP_{2,0.5} with adversarial training
+    # (against Standard AT, as in the talk's AT table)
     "ensemble": Defense("Baseline ensemble", "standard",
                         ("--loss", "natural", "--head", "adp", "--adp-alpha", "0", "--adp-beta", "0")),
     "adp-2-0": Defense("ADP_{2,0}", "standard", ("--loss", "natural", "--head", "adp", "--adp-alpha", "2",
-                                                 "--adp-beta", "0")),
-    "adp": Defense("ADP_{2,0.5}", "standard", ("--loss", "natural", *_ADP_2_05)),
-    "at-adp": Defense("AT + ADP_{2,0.5}", "standard", ("--loss", "at", *_ADP_2_05)),
+                                                 "--adp-beta", "0"), baseline="ensemble"),
+    "adp": Defense("ADP_{2,0.5}", "standard", ("--loss", "natural", *_ADP_2_05), baseline="ensemble"),
+    "at-adp": Defense("AT + ADP_{2,0.5}", "standard", ("--loss", "at", *_ADP_2_05), baseline="standard-at"),
     # NAMID on those heads: the estimators are trained on the AT model with the same head, and stage 3 builds
     # that head (train_MIAT.py refuses a head other than its estimators' target's)
     "namid-mmc": _namid("NAMID (MMC-10)", ("--base-loss", "at", "--head", "mmc"), target="at-mmc"),

@@ -163,7 +163,7 @@ def comparison(config: dict, tasks: list) -> dict:
 
 
 def paired_comparisons(config: dict, tasks: list, columns: list) -> list:
-    """Each NAMID row against its baseline (Defense.baseline), when the preset trains both and test_comparison.py
+    """Each row against its baseline (Defense.baseline: the stage-1 defense it modifies), when the preset trains both and test_comparison.py
     evaluates them: per table column and seed, the difference of accuracy on the same test images and McNemar's p
     (utils/paired.py); over seeds, the mean and std of the differences and the test on every seed's images pooled."""
     if eval_script(config) != DEFAULT_EVAL_SCRIPT:  # the other evaluation scripts keep no per-example flags
@@ -183,8 +183,8 @@ def paired_comparisons(config: dict, tasks: list, columns: list) -> list:
                 mine, theirs = (_read_json(t.run_dir / "results.json") for t in (task, other))
             except (OSError, ValueError):  # not evaluated yet
                 continue
-            if mine["test_indices"] != theirs["test_indices"]:
-                continue
+            if mine.get("test_indices") is None or mine["test_indices"] != theirs.get("test_indices"):
+                continue  # other images (or a record that does not say which): nothing to pair
             first, second = mine["models"][0], theirs["models"][0]
             for key in row_accuracies(first).keys() & row_accuracies(second).keys():
                 try:
@@ -213,8 +213,8 @@ def paired_markdown(tables: list) -> list:
     """results.md's section: a heading, what the numbers are, and the pairs' tables (paired_tables's lines)."""
     if not tables:
         return []
-    return ["## Each NAMID row against its baseline, on the same test images", "",
-            "Difference of accuracy in points (the NAMID row's minus its baseline's) per seed, with the exact McNemar "
+    return ["## Each row against its baseline, on the same test images", "",
+            "Difference of accuracy in points (the row's minus its baseline's) per seed, with the exact McNemar "
             "p-value on the images where exactly one of the two is right (utils/paired.py); then the mean ± std of "
             "the seeds' differences (the training noise) and McNemar's test on every seed's images pooled (the "
             "test set's noise). An effect is established only if it clears both.", "", *tables]
@@ -236,7 +236,7 @@ def paired_tables(pairs: list, columns: list) -> list:
         lines.append("| mean ± std over seeds | " + " | ".join(
             f"{100 * cells[key]['mean']:+.2f}" + ("" if cells[key]["std"] is None else f" ± {100 * cells[key]['std']:.2f}")
             for key, _ in shown) + " |")
-        lines.append("| pooled: right for the NAMID row only / the baseline only | " + " | ".join(
+        lines.append("| pooled: right for the row only / the baseline only | " + " | ".join(
             f"{cells[key]['pooled']['only_first']} / {cells[key]['pooled']['only_second']} "
             f"(p {cells[key]['pooled']['p']:.2g})" for key, _ in shown) + " |")
         lines.append("")
@@ -419,7 +419,7 @@ def paper_markdown(reference: dict = None) -> str:
 
 def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invocation: dict) -> dict:
     """results.md/.csv/.json and the figures in `out`; returns what the closing summary prints: the caption,
-    the markdown table, each NAMID row against its baseline and every stage's warnings."""
+    the markdown table, each row against its baseline and every stage's warnings."""
     table = comparison(config, tasks)
     pairs = paired_comparisons(config, tasks, table["columns"])
     pair_tables = paired_tables(pairs, table["columns"])
