@@ -92,8 +92,10 @@ def test_no_pair_without_the_baseline_or_other_test_images(tmp_path):
 
 def test_the_talks_rows_are_paired_with_the_defense_they_modify(tmp_path):
     config, tasks = plan(TALK, seeds=[0], out=tmp_path)
-    write_all = lambda task: write_eval(task, record("11", "10", "10"), [0, 1])  # noqa: E731
-    fake_study(tasks, write_all)
+
+    def evaluate(task):
+        write_eval(task, record("11", "10", "10"), [0, 1])
+    fake_study(tasks, evaluate)
     pairs = paired_comparisons(config, list(tasks.values()), [("clean", "None")])
     # ADP_{2,0.5} has no pair here: the study trains no plain ensemble
     assert [(p["defense"], p["baseline"]) for p in pairs] == [

@@ -1,5 +1,5 @@
-"""A row against its baseline (the defense it modifies) on the same test images: the difference of accuracy per column and seed,
-and the exact McNemar test on the images where exactly one of the two models is right.
+"""A row against its baseline (the defense it modifies) on the same test images: the difference of accuracy per
+column and seed, and the exact McNemar test on the images where exactly one of the two models is right.
 
 The difference of two accuracies measured on the same images is far less noisy than either accuracy: an image
 that both models get right (or both wrong) says nothing about which is better. McNemar's test keeps only the

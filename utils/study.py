@@ -163,9 +163,10 @@ def comparison(config: dict, tasks: list) -> dict:
 
 
 def paired_comparisons(config: dict, tasks: list, columns: list) -> list:
-    """Each row against its baseline (Defense.baseline: the stage-1 defense it modifies), when the preset trains both and test_comparison.py
-    evaluates them: per table column and seed, the difference of accuracy on the same test images and McNemar's p
-    (utils/paired.py); over seeds, the mean and std of the differences and the test on every seed's images pooled."""
+    """Each row against its baseline (Defense.baseline: the stage-1 defense it modifies), when the preset trains
+    both and test_comparison.py evaluates them: per table column and seed, the difference of accuracy on the same
+    test images and McNemar's p (utils/paired.py); over seeds, the mean and std of the differences and the test on
+    every seed's images pooled."""
     if eval_script(config) != DEFAULT_EVAL_SCRIPT:  # the other evaluation scripts keep no per-example flags
         return []
     evals = {(task.defense, task.variant, task.seed): task for task in tasks if task.kind == "eval"}
