@@ -117,6 +117,14 @@ def build_parser():
     return parser
 
 
+def record_study_config(out: Path, config: dict, argv: list):
+    """config.json: the study as the command that runs it (or submits it) resolved it. A table-only run
+    (--only-stage results, perhaps over a subset of seeds or defenses) leaves it alone: that table's own
+    configuration and command are in its results.json and results.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
+
+
 def previous_invocation(out: Path):
     """The invocation recorded in an earlier results.json of the study folder, if any."""
     try:
@@ -168,6 +176,8 @@ def main(argv=None):
         for name, source in copies.items():
             print(f"{name}: copied from {source}", file=sys.stderr)
     if args.launcher == "slurm":
+        if not args.dry_run and args.only_stage is None:
+            record_study_config(out, config, argv)
         return submit_study(tasks, out, argv, args)
     if args.dry_run:
         print(json.dumps(config, indent=2))
@@ -178,8 +188,8 @@ def main(argv=None):
         argv = study_arguments(argv)
     elif args.only_stage is not None:
         return run_only_stage(tasks, args.only_stage, out / "logs", args.gpus_per_stage)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {**config, "command": shlex.join(["reproduce.py", *argv])})
+    if args.only_stage is None or not (out / "config.json").exists():
+        record_study_config(out, config, argv)
     started = time.perf_counter()
     try:
         ran = execute(tasks, config["jobs"], out / "logs", launch)
@@ -189,8 +199,9 @@ def main(argv=None):
         sys.exit(130)
     invocation = {"command": shlex.join(["reproduce.py", *argv]), "seconds": round(time.perf_counter() - started, 1),
                   "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})"}
-    if not ran:  # every stage was already done: the invocation that did the work stays the one on record
-        invocation = previous_invocation(out) or invocation
+    previous = previous_invocation(out)
+    if not ran and previous and previous.get("command") == invocation["command"]:
+        invocation = previous  # every stage was already done: the invocation that did the work stays on record
     from utils.study import write_study  # matplotlib only once everything has run
     summary = write_study(config, tasks, out, recorded_seconds(tasks), invocation)
     print(summary["caption"])

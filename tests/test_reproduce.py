@@ -356,6 +356,25 @@ def test_a_study_reusing_another_runs_nothing_that_was_finished_there(tiny_study
     assert_one_line_error(result, "--reuse")
 
 
+def test_a_table_over_a_subset_leaves_the_studys_config_alone(tiny_study, fmnist_dir):
+    out, _ = tiny_study
+    kept = {name: (out / name).read_bytes() for name in ("config.json", "results.json", "results.md", "results.csv")}
+    try:
+        result = run_study(tiny_study_args(out, fmnist_dir, "--defenses", "standard-at", "--epsilons",
+                                           "--only-stage", "results"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "running" not in result.stderr
+        assert (out / "config.json").read_bytes() == kept["config.json"]  # still the whole study's
+        table = json.loads((out / "results.json").read_text())
+        assert table["config"]["defenses"] == ["standard-at"] and set(table["cells"]) == {"standard-at"}
+        command = table["invocation"]["command"]  # this table's command, not the study's earlier one
+        assert command.endswith("--defenses standard-at --epsilons") and "--only-stage" not in command
+        assert f"Command: `{command}`" in (out / "results.md").read_text()
+    finally:
+        for name, data in kept.items():
+            (out / name).write_bytes(data)
+
+
 def test_the_curve_uses_the_tables_pgd_and_names_budgets_as_written():
     _, tasks = plan()  # demo: the table's PGD-20
     assert flag_value(tasks["seed0/curve-eps0.1"].argv, "--pgd-steps") == "20"

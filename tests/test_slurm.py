@@ -461,6 +461,8 @@ def test_a_tiny_study_runs_as_slurm_jobs_and_a_resubmission_redoes_only_what_is_
     #    job is cancelled after its first epoch: the jobs after it are cancelled by the scheduler.
     first = submit(cluster, [*args, "--slurm-args=--hold"])
     assert list(first) == [*STAGES, "results"]
+    submitted = json.loads((out / "config.json").read_text())  # the study, as its submission resolved it
+    assert submitted["command"] == shlex.join(["reproduce.py", *args, "--slurm-args=--hold"])
     assert_dependencies(cluster, out, first, NEEDS)
     cluster.command("scontrol", "release", ",".join(first.values()))
     last = out / "seed0" / "namid" / "last.pt"
@@ -488,6 +490,7 @@ def test_a_tiny_study_runs_as_slurm_jobs_and_a_resubmission_redoes_only_what_is_
                                  slurm_log(out, stage), re.MULTILINE), stage
     assert_table_is_the_evaluations(out)
     assert "seed0/namid: complete, skipped" in slurm_log(out, "results")  # the final job ran no stage
+    assert json.loads((out / "config.json").read_text()) == submitted  # and left the study's config alone
 
     # 3. Everything done: only the final job, which rewrites the table and touches no stage.
     before = stage_files(out)

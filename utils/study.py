@@ -456,7 +456,8 @@ def write_study(config: dict, tasks: list, out: Path, stage_seconds: dict, invoc
              + ("A cell is the mean ± the sample standard deviation over seeds of the per-seed accuracy"
                 if len(config["seeds"]) > 1 else "A cell is that one run's accuracy, with no spread to show")
              + f"; {evaluator(eval_script(config)).note}.",
-             "", f"Resolved configuration: config.json. Every stage's command is in its run folder "
+             "", f"Command: `{invocation['command']}` (this table's configuration: results.json; the study's: "
+             f"config.json). Every stage's command is in its run folder "
              f"(config.json, reproduce_stage.json); logs in logs/. Stage wall time, summed: {total:.0f} s "
              f"over {len(stage_seconds)} stage runs (a resumed stage counts from its resumption); this invocation: {invocation['seconds']:.0f} s on "
              f"{invocation['machine']}.", "", commits_line(commits), "", *copied_line(copied), *paired_markdown(pair_tables),
