@@ -186,7 +186,7 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     assert "| 65.00 |" in markdown[3]
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
     assert len(rows) == 2 * 39 and {r["defense"] for r in rows} == {"sce", "rce"}
-    write_study(config, list(tasks.values()), tmp_path, {}, {"seconds": 1.0, "machine": "test"})
+    write_study(config, list(tasks.values()), tmp_path, {}, {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"})
     text = (tmp_path / "results.md").read_text()
     assert "the AUC columns are the RCE paper's protocol" in text and "every number" in text.lower()
     assert "The RCE paper's AUC table (NeurIPS 2018, MNIST and CIFAR-10" in text
