@@ -9,6 +9,9 @@ import torch
 
 from tests.conftest import REPO
 
+# what reproduce.py hands write_study about the command that made the table, for the tests that call it directly
+INVOCATION = {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"}
+
 
 def read_metrics(model_dir):
     with open(model_dir / "metrics.csv") as handle:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.helpers import INVOCATION
 from tests.test_reproduce_seed_talk import ADP, TALK, fake_study, plan
 from utils.paired import mcnemar_p, paired_counts, per_example_flags
 from utils.study import comparison, paired_comparisons, paired_markdown, paired_tables, write_study
@@ -76,7 +77,7 @@ def test_the_study_pairs_each_namid_row_with_its_baseline_per_seed(tmp_path):
     assert "| NAMID − Standard AT | None | PGD-40 | AA | Worst L-inf |" in markdown
     assert "| seed 0 | +12.50 (p 1) | +25.00 (p 0.5) | +12.50 (p 1) | +12.50 (p 1) |" in markdown
     assert "| mean ± std over seeds | +6.25 ± 8.84 | +6.25 ± 26.52 | +0.00 ± 17.68 | +0.00 ± 17.68 |" in markdown
-    write_study(config, list(tasks.values()), tmp_path, {}, {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"})
+    write_study(config, list(tasks.values()), tmp_path, {}, INVOCATION)
     assert "## Each row against its baseline, on the same test images" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["paired"][1]["label"] == "NAMID-T − TRADES"
 

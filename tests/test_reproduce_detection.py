@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import INVOCATION
 from tests.test_reproduce import run_study
 from tests.test_reproduce_seed_talk import fake_study, flag_value, flag_values, plan
 from utils.errors import UserError
@@ -186,7 +187,7 @@ def test_the_detection_table_averages_each_column_over_seeds(tmp_path):
     assert "| 65.00 |" in markdown[3]
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
     assert len(rows) == 2 * 39 and {r["defense"] for r in rows} == {"sce", "rce"}
-    write_study(config, list(tasks.values()), tmp_path, {}, {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"})
+    write_study(config, list(tasks.values()), tmp_path, {}, INVOCATION)
     text = (tmp_path / "results.md").read_text()
     assert "the AUC columns are the RCE paper's protocol" in text and "every number" in text.lower()
     assert "The RCE paper's AUC table (NeurIPS 2018, MNIST and CIFAR-10" in text

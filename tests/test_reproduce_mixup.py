@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_line_error, run_script
+from tests.helpers import INVOCATION, assert_one_line_error, run_script
 from tests.test_reproduce import run_study
 from tests.test_reproduce_seed_talk import FMNIST_CPU_ARGV, fake_study, flag_value, flag_values, plan
 from utils.errors import UserError
@@ -164,7 +164,7 @@ def test_the_table_has_a_row_per_defense_and_predictor_averaged_over_seeds(tmp_p
     assert "| Mixup + mixup inference (OL) | 76.00 ± 7.07 | 66.00 ± 7.07 | 56.00 ± 7.07 |" in markdown
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
     assert len(rows) == 9 * 3 and {r["defense"] for r in rows if r["label"].startswith("IAT")} == {"iat"}
-    write_study(config, list(tasks.values()), tmp_path, {}, {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"})
+    write_study(config, list(tasks.values()), tmp_path, {}, INVOCATION)
     text = (tmp_path / "results.md").read_text()
     assert "within-seed standard deviation is in each evaluation's results" in text
     assert "not available offline" in text and "The paper's Table 1" not in text

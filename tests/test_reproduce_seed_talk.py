@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import reproduce
+from tests.helpers import INVOCATION
 from utils.errors import UserError
 from utils.pipeline import (DEFENSES, ESTIMATOR_RUNS, build_plan, check_command_lines, resolve_config, stage_flags)
 from utils.presets import ALL_DEFENSES, MIXUP_DEFENSES, NAMID_DEFENSES, PRESETS, RCE_DEFENSES, TALK_DEFENSES
@@ -275,7 +276,7 @@ def test_the_table_has_a_column_per_variant_and_attack_in_variant_order(tmp_path
     rows = list(csv.DictReader(io.StringIO(comparison_csv(config, table))))
     assert [(r["column"], r["header"]) for r in rows if r["defense"] == "adp"] == expected
     # results.md / .json: the same columns, and the ADP paper's table for orientation
-    summary = write_study(config, list(tasks.values()), tmp_path, {}, {"command": "reproduce.py --preset test", "seconds": 1.0, "machine": "test"})
+    summary = write_study(config, list(tasks.values()), tmp_path, {}, INVOCATION)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(c["key"], c["header"]) for c in results["columns"]] == expected
     assert summary["table"].splitlines()[0] == header
