@@ -38,6 +38,10 @@ def build_parser():
                             "(PGD at --epsilon / --num-steps / --step-size against the model's predicted labels, then "
                             "mixup of the adversarial and of the clean batch). Both train models for mixup inference "
                             "(test_mixup_inference.py), softmax head only")
+    group.add_argument("--at-attack-loss", choices=("ce", "cw"), default=None,
+                       help="at: the loss the training PGD ascends, cross-entropy or the CW margin (default: the head's, "
+                            "ce for softmax, mm-lda, adp and rce, cw for mmc). cw with the softmax head separates "
+                            "AT-MMC's margin attack from its head")
     group.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term of TRADES / MART")
     group.add_argument("--mixup-alpha", type=positive_number, default=1.0,
                        help="mixup / iat: lambda ~ Beta(alpha, alpha) per example (the mixup inference authors' 1)")
@@ -55,7 +59,7 @@ def parse_args(argv=None):
         args.model_dir = f"checkpoints/{STAGE}_{args.dataset}_{args.arch}{head}_{args.loss}_{args.norm}_seed{args.seed}"
     if args.norm == "linf" and args.epsilon >= 1:
         raise UserError(f"--epsilon {args.epsilon} is not an L-inf budget in [0, 1] pixel units (try 8/255)")
-    check_head_supports(args.head, args.loss)
+    check_head_supports(args.head, args.loss, args.at_attack_loss)
     return args
 
 

@@ -195,12 +195,21 @@ def test_objectives_with_heads():
     assert OBJECTIVES["at"].training_attack(base, Head("mmc")).loss == "cw", "CE on MMC logits is saturated"
     assert OBJECTIVES["at"].training_attack(base, Head("mm-lda")).loss == "ce"
     assert OBJECTIVES["trades"].training_attack(base, Head("mm-lda")).loss == "kl"
+    # --at-attack-loss overrides the head's choice under Standard AT (the softmax control of AT-MMC's margin attack)
+    assert OBJECTIVES["at"].training_attack(base, Head("softmax"), "cw").loss == "cw"
+    assert OBJECTIVES["at"].training_attack(base, Head("adp", 2, 0.5), "cw").loss == "cw"
+    assert OBJECTIVES["at"].training_attack(base, Head("softmax")).loss == "ce"
     assert OBJECTIVES["at"].needs_clean_outputs(Head("adp", 2, 0.5)) and not OBJECTIVES["at"].needs_clean_outputs(Head("mmc"))
     for head in ("mmc", "adp"):
         for loss in ("trades", "mart"):
             with pytest.raises(UserError, match="softmax"):
                 check_head_supports(head, loss)
     check_head_supports("mm-lda", "trades")
+    check_head_supports("softmax", "at", "cw")
+    with pytest.raises(UserError, match="saturated"):
+        check_head_supports("mmc", "at", "ce")
+    with pytest.raises(UserError, match="has its own"):
+        check_head_supports("softmax", "trades", "cw")
 
 
 def test_standard_at_uses_the_heads_loss():

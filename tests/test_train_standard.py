@@ -63,6 +63,29 @@ def test_resume_is_bit_identical(fmnist_dir, tmp_path):
     assert_resume_is_bit_identical(train_standard.main, lambda d, *extra: small_args(fmnist_dir, d, *extra), tmp_path)
 
 
+def test_at_attack_loss_cw_trains_softmax_at_on_the_cw_margin(fmnist_dir, tmp_path, monkeypatch):
+    """--at-attack-loss cw: the training PGD ascends the CW margin (recorded in config.json), the validation
+    PGD stays cross-entropy; without the flag a softmax model's training attack is cross-entropy."""
+    import utils.attacks
+    ascended = []
+    original = utils.attacks.attack_objective
+
+    def spy(logits, y, loss, *rest, **kwargs):
+        ascended.append(loss)
+        return original(logits, y, loss, *rest, **kwargs)
+
+    monkeypatch.setattr(utils.attacks, "attack_objective", spy)
+    extra = ["--epochs", "1", "--train-limit", "100", "--batch-size", "50"]
+    assert train_standard.main(small_args(fmnist_dir, tmp_path / "cw", *extra, "--at-attack-loss", "cw")) == 0
+    assert json.loads((tmp_path / "cw" / "config.json").read_text())["train_attack"]["loss"] == "cw"
+    # 2 training batches of 2 PGD steps on the CW margin; the validation and test PGD on cross-entropy
+    assert ascended.count("cw") == 4 and set(ascended) == {"cw", "ce"}
+    ascended.clear()
+    assert train_standard.main(small_args(fmnist_dir, tmp_path / "ce", *extra)) == 0
+    assert json.loads((tmp_path / "ce" / "config.json").read_text())["train_attack"]["loss"] == "ce"
+    assert set(ascended) == {"ce"}
+
+
 def test_sigkill_then_resume_finishes_the_run(fmnist_dir, tmp_path):
     model_dir = tmp_path / "killed"
     args = small_args(fmnist_dir, model_dir, "--epochs", "3")
@@ -105,6 +128,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path,
     (["--dataset", "imagenet-1k"], "invalid choice: 'imagenet-1k'"),
     (["--arch", "resnet1000"], "invalid choice: 'resnet1000'"),
     (["--device", "cuda:7"], "device 'cuda:7'"),
+    (["--loss", "mart", "--at-attack-loss", "cw"], "--loss mart has its own"),
+    (["--head", "mmc", "--at-attack-loss", "ce"], "saturated cross-entropy"),
 ])
 def test_bad_flags_give_one_line(fmnist_dir, tmp_path, flags, fragment):
     assert_one_line_error(run_script(SCRIPT, small_args(fmnist_dir, tmp_path / "bad", *flags)), fragment)

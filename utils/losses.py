@@ -59,9 +59,12 @@ class Objective:
     needs_clean_logits: bool  # whether the loss uses h(x) (with gradient) as well as h(x~)
     adversarial: bool = True  # False: natural training, no attack
 
-    def training_attack(self, base: PGDConfig, head=None) -> PGDConfig:
-        """The training attack; under Standard AT it ascends the loss the head asks for (MMC: the CW margin)."""
-        loss = head.attack_loss if head is not None and self.name == "at" else self.attack_loss
+    def training_attack(self, base: PGDConfig, head=None, at_attack_loss: str = None) -> PGDConfig:
+        """The training attack; under Standard AT it ascends at_attack_loss if given (--at-attack-loss), else the
+        loss the head asks for (MMC: the CW margin)."""
+        loss = self.attack_loss
+        if self.name == "at":
+            loss = at_attack_loss or (head.attack_loss if head is not None else loss)
         return replace(base, loss=loss, random_start=self.random_start)
 
     def loss(self, logits_nat, logits_adv, y, beta):
@@ -80,9 +83,14 @@ def training_loss(objective: Objective, head, outputs_nat, outputs_adv, y, beta)
     return objective.loss(head.logits(outputs_nat), head.logits(outputs_adv), y, beta)
 
 
-def check_head_supports(head_name: str, loss: str):
+def check_head_supports(head_name: str, loss: str, at_attack_loss: str = None):
     """UserError (one line from the stage scripts) when an objective is not defined for a head
-    (defenses/__init__.py says why)."""
+    (defenses/__init__.py says why), or --at-attack-loss is given without Standard AT or as the saturated CE of MMC."""
+    if at_attack_loss is not None and loss != "at":
+        raise UserError(f"--at-attack-loss chooses Standard AT's training attack; --loss {loss} has its own")
+    if at_attack_loss == "ce" and head_name == "mmc":
+        raise UserError("--at-attack-loss ce with --head mmc ascends a saturated cross-entropy (the MMC logits are "
+                        "-||z - mu||^2, far apart), which barely moves correctly classified points; use cw")
     if loss in ("trades", "mart") and head_name == "rce":
         raise UserError(f"{loss.upper()} adds cross-entropy terms on the logits, which with --head rce would train the "
                         f"same output Z both ways (CE makes argmax Z = y, RCE argmin Z = y); use --loss natural or at")

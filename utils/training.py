@@ -644,7 +644,8 @@ def train_target_model(args, argv, script: str, stage: str, objective, make_step
         generator = attack_generator(args.seed, device)
         if not distributed.is_main():
             seed_process(args.seed, 0, generator)
-        train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps), head)
+        train_attack = objective.training_attack(PGDConfig(args.norm, args.epsilon, args.step_size, args.num_steps), head,
+                                                 getattr(args, "at_attack_loss", None))
         eval_attack = PGDConfig(args.norm, args.epsilon, args.eval_step_size, args.eval_steps)
 
         run = TrainingRun(run_dir, args, stage, model, optimizer, generator, model_spec=spec, metadata=metadata,
