@@ -1,6 +1,7 @@
 """utils/distributed.py's helpers for modules trained outside DistributedDataParallel, in 2 real gloo processes."""
+import os
+
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from utils import distributed
@@ -8,7 +9,7 @@ from utils.errors import UserError
 
 
 def _worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(rank)  # different initial weights on purpose: broadcast_from_main makes them rank 0's
         module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 1))
@@ -32,7 +33,14 @@ def _worker(rank, init_file, results):
         except UserError as error:
             results[f"drift{rank}"] = str(error)
     finally:
-        dist.destroy_process_group()
+        distributed.cleanup()
+    results[f"gloo_threads{rank}"] = _gloo_threads()
+
+
+def _gloo_threads() -> list:
+    """The names of this process's gloo threads (the process group's workers and its transport loop)."""
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    return [name for name in names if "gloo" in name]
 
 
 def test_gradients_are_averaged_and_drift_is_caught(tmp_path):
@@ -49,3 +57,6 @@ def test_gradients_are_averaged_and_drift_is_caught(tmp_path):
     # item i of range(5) came from rank i % 2 (make_loader's unshuffled shards)
     assert zero["interleaved"].tolist() == list(range(5)) == one["interleaved"].tolist()
     assert "drifted apart" in results["drift0"] and "drifted apart" in results["drift1"]
+    # cleanup() stopped the process group's threads: one left running into the interpreter's finalization
+    # aborts the process now and then (utils.distributed.init_process_group)
+    assert results["gloo_threads0"] == [] and results["gloo_threads1"] == []

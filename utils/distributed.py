@@ -47,8 +47,18 @@ def setup(device_name: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def init_process_group(backend: str, **kwargs):
+    """dist.init_process_group, torch._dynamo imported first. Imported after it (the first optimizer.step
+    imports it), torch._dynamo keeps references to the process group that destroy_process_group does not
+    drop (torch 2.14), so gloo's worker threads outlive it; one that releases a finished collective's
+    tensors while the interpreter finalizes takes the GIL, is ended, and aborts the process ("terminate
+    called without an active exception", SIGABRT, about 1 exit in 100) after its work is done."""
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
 
 
 def refuse_torchrun(script: str):
