@@ -289,6 +289,12 @@ MUTATIONS = {
     "reuse-overwrites-a-stage-begun-here": (
         "utils/pipeline.py", "        if task.run_dir.exists() and any(task.run_dir.iterdir()):", "        if False:",
         ["tests/test_reproduce.py::test_reuse_copies_exactly_the_stages_finished_elsewhere_with_the_same_command_and_inputs"]),
+    "at-attack-loss-not-passed-to-training": (
+        "utils/training.py", 'getattr(args, "at_attack_loss", None))', "None)",
+        ["tests/test_train_standard.py::test_at_attack_loss_cw_trains_softmax_at_on_the_cw_margin"]),
+    "process-group-pinned-past-cleanup": (
+        "utils/distributed.py", "    import torch._dynamo  # noqa: F401\n", "",
+        ["tests/test_distributed.py::test_gradients_are_averaged_and_drift_is_caught"]),
 }
 
 
